@@ -1,0 +1,296 @@
+"""Pairs -> optimizer steps -> per-rank micro-batches: flat, padding-free, shared prefix once.
+
+Legend: T = tokens in a micro-batch, S = attention sequences (2 per pair), P = pairs,
+K = gathered key slots (see ``polar_train.model.varlen``).
+
+Two pairs packed into one micro-batch, pair 0 with a shared prefix, pair 1 without one
+(``cost`` = tokens the pair occupies)::
+
+    input_ids     [ p p p p c c r r | C C C R R R ]
+    position_ids  [ 0 1 2 3 4 5 4 5 | 0 1 2 0 1 2 ]
+    sequences       <-- s0 --->     | <s2-> <s3->       s1 = the two r tokens, whose keys are
+    key_index       s0: 0..5, s1: 0 1 2 3 6 7, s2: 8 9 10, s3: 11 12 13
+    chosen_index  [5, 10]  rejected_index [7, 13]   (the reward token ends every candidate)
+
+The rejected suffix is a sequence whose queries are its own tokens and whose keys are the
+prefix followed by itself, causal bottom-right, positions continuing after the prefix: it is
+the same function as running the rejected candidate alone (SPEC section 6).
+
+Step plan: each epoch shuffles the kept pairs (seeded), cuts them into optimizer steps of
+``pairs_per_step`` pairs, splits each step's pairs across ranks balanced by tokens, and packs
+each rank's share best-fit decreasing into micro-batches of at most ``max_tokens`` tokens.
+Ranks then get the same number of micro-batches (ZeRO-3 gathers parameters in lockstep): a
+rank with fewer splits its fullest micro-batch, or runs a zero-weight filler one. The plan
+depends only on (lengths, seed, epoch, step, ranks), never on the layout's runtime state, so
+every rank computes it alone and a resumed run replays it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from polar_train.model.varlen import VarlenMeta
+
+FILLER = -1  # pair id of a zero-weight filler pair
+
+
+def shared_prefix_length(*seqs: Sequence[int]) -> int:
+    """Longest common prefix of id lists, capped so each sequence keeps >= 1 token of its own.
+
+    >>> shared_prefix_length([1, 5, 6, 9], [1, 5, 7, 9])
+    2
+    >>> shared_prefix_length([1, 5, 9], [1, 5, 9])
+    2
+    """
+    limit = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in seqs[1:]):
+        n += 1
+    return n
+
+
+def prefix_to_share(seqs: Sequence[Sequence[int]], share: bool, share_max_len: int | None) -> int:
+    """Prefix length the layout shares among ``seqs`` (0 = separate sequences).
+
+    ``share_max_len``: with dynamic RoPE scaling, a sequence longer than the model's
+    ``max_position_embeddings`` gets its own RoPE base, so a prefix is shared only when every
+    sequence stays within it (the prefix keys must be identical for all of them).
+    """
+    if not share or len(seqs) < 2:
+        return 0
+    if share_max_len is not None and max(len(s) for s in seqs) > share_max_len:
+        return 0
+    return shared_prefix_length(*seqs)
+
+
+def group_cost(seqs: Sequence[Sequence[int]], share: bool, share_max_len: int | None = None) -> int:
+    """Tokens a group of sequences occupies in a micro-batch."""
+    return sum(len(s) for s in seqs) - (len(seqs) - 1) * prefix_to_share(seqs, share, share_max_len)
+
+
+def pair_cost(chosen: Sequence[int], rejected: Sequence[int], share: bool, share_max_len: int | None = None) -> int:
+    """Tokens the pair occupies in a micro-batch."""
+    return group_cost((chosen, rejected), share, share_max_len)
+
+
+@dataclass
+class FlatLayout:
+    input_ids: torch.Tensor  # [T] int64
+    position_ids: torch.Tensor  # [T] int64
+    meta: VarlenMeta
+    last_index: list[list[int]]  # per group, per sequence: flat index of its last token
+
+
+def layout_groups(
+    groups: Sequence[Sequence[Sequence[int]]], *, shared_prefix: bool, share_max_len: int | None = None
+) -> FlatLayout:
+    """Lay groups of sequences on one flat axis; a group's common prefix is stored once.
+
+    Group ``[a, b, c]`` with shared prefix ``p`` becomes ``[p a' | b' | c']``: ``a`` is the
+    contiguous span ``p a'``; ``b'`` and ``c'`` are query spans whose keys are ``p`` then
+    themselves, positions continuing after ``p`` (see the module diagram).
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    cu_q, cu_k, keys, seq_len = [0], [0], [], []
+    last_index: list[list[int]] = []
+    for seqs in groups:
+        n = prefix_to_share(seqs, shared_prefix, share_max_len)
+        group_start = len(ids)
+        lasts = []
+        for k, seq in enumerate(seqs):
+            skip = n if k > 0 else 0  # the first sequence holds the prefix
+            start = len(ids)
+            ids.extend(seq[skip:])
+            pos.extend(range(skip, len(seq)))
+            cu_q.append(len(ids))
+            if skip:
+                keys.extend(range(group_start, group_start + skip))
+            keys.extend(range(start, len(ids)))
+            cu_k.append(len(keys))
+            seq_len.extend([len(seq)] * (len(seq) - skip))
+            lasts.append(len(ids) - 1)
+        last_index.append(lasts)
+    cu_q_t = torch.tensor(cu_q, dtype=torch.int32)
+    cu_k_t = torch.tensor(cu_k, dtype=torch.int32)
+    meta = VarlenMeta(
+        cu_seqlens_q=cu_q_t,
+        cu_seqlens_k=cu_k_t,
+        key_index=torch.tensor(keys, dtype=torch.int64),
+        max_seqlen_q=int((cu_q_t[1:] - cu_q_t[:-1]).max()) if len(cu_q) > 1 else 0,
+        max_seqlen_k=int((cu_k_t[1:] - cu_k_t[:-1]).max()) if len(cu_k) > 1 else 0,
+        seq_len_per_token=torch.tensor(seq_len, dtype=torch.int64),
+    )
+    return FlatLayout(
+        torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64), meta, last_index
+    )
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor  # [T] int64
+    position_ids: torch.Tensor  # [T] int64
+    meta: VarlenMeta
+    chosen_index: torch.Tensor  # [P] int64 flat index of each chosen reward token
+    rejected_index: torch.Tensor  # [P] int64
+    pair_weight: torch.Tensor  # [P] float32, 1 = real pair, 0 = filler
+    pair_ids: list[int] = field(default_factory=list)  # dataset index per pair, FILLER for fillers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def reward_index(self) -> torch.Tensor:  # [2P]: chosen rewards first, then rejected
+        return torch.cat([self.chosen_index, self.rejected_index])
+
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        return MicroBatch(
+            input_ids=self.input_ids.to(device, non_blocking=True),
+            position_ids=self.position_ids.to(device, non_blocking=True),
+            meta=self.meta.to(device),
+            chosen_index=self.chosen_index.to(device),
+            rejected_index=self.rejected_index.to(device),
+            pair_weight=self.pair_weight.to(device),
+            pair_ids=self.pair_ids,
+        )
+
+
+def build_micro_batch(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    shared_prefix: bool,
+    pair_ids: Sequence[int] | None = None,
+    share_max_len: int | None = None,
+) -> MicroBatch:
+    """Lay out (chosen_ids, rejected_ids) pairs on one flat axis (see the module diagram)."""
+    flat = layout_groups(pairs, shared_prefix=shared_prefix, share_max_len=share_max_len)
+    pair_ids = list(pair_ids) if pair_ids is not None else list(range(len(pairs)))
+    return MicroBatch(
+        input_ids=flat.input_ids,
+        position_ids=flat.position_ids,
+        meta=flat.meta,
+        chosen_index=torch.tensor([c for c, _ in flat.last_index], dtype=torch.int64),
+        rejected_index=torch.tensor([r for _, r in flat.last_index], dtype=torch.int64),
+        pair_weight=torch.tensor([0.0 if i == FILLER else 1.0 for i in pair_ids], dtype=torch.float32),
+        pair_ids=pair_ids,
+    )
+
+
+def best_fit_decreasing(items: Sequence[int], costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Pack ``items`` (ids) into bins of total cost <= budget: largest first, each into the
+    fullest bin it still fits (Johnson 1973). Deterministic: ties keep the input order.
+
+    >>> best_fit_decreasing([0, 1, 2, 3], [6, 5, 4, 3], 10)
+    [[0, 2], [1, 3]]
+    """
+    order = sorted(range(len(items)), key=lambda k: -costs[k])  # stable: ties keep input order
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for k in order:
+        c = costs[k]
+        best, best_load = -1, -1
+        for b, load in enumerate(loads):
+            if best_load < load and load + c <= budget:
+                best, best_load = b, load
+        if best < 0:
+            bins.append([items[k]])
+            loads.append(c)
+        else:
+            bins[best].append(items[k])
+            loads[best] += c
+    return bins
+
+
+def split_across_ranks(items: Sequence[int], costs: Sequence[int], num_ranks: int) -> list[list[int]]:
+    """Longest-processing-time split: each pair, largest first, to the rank with fewest tokens."""
+    shares: list[list[int]] = [[] for _ in range(num_ranks)]
+    loads = [0] * num_ranks
+    for k in sorted(range(len(items)), key=lambda k: -costs[k]):
+        r = min(range(num_ranks), key=lambda r: (loads[r], r))
+        shares[r].append(items[k])
+        loads[r] += costs[k]
+    return shares
+
+
+class StepPlanner:
+    """Which pairs each rank computes in each micro-batch of each optimizer step.
+
+    ``costs[i]`` is the token cost of pair i (``pair_cost``); pairs costing more than
+    ``max_tokens`` must already be removed by the caller (and counted).
+    """
+
+    def __init__(self, costs: Sequence[int], *, pairs_per_step: int, max_tokens: int, num_ranks: int = 1, seed: int = 0):
+        too_long = [i for i, c in enumerate(costs) if c > max_tokens]
+        assert not too_long, f"pairs over the token budget must be dropped first: {too_long[:5]}"
+        self.costs = list(costs)
+        self.pairs_per_step = pairs_per_step
+        self.max_tokens = max_tokens
+        self.num_ranks = num_ranks
+        self.seed = seed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.costs) / self.pairs_per_step)
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.costs)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def step_pairs(self, epoch: int, step_in_epoch: int) -> list[int]:
+        s = step_in_epoch * self.pairs_per_step
+        return self.epoch_order(epoch)[s : s + self.pairs_per_step]
+
+    def plan(self, epoch: int, step_in_epoch: int) -> list[list[list[int]]]:
+        """[rank][micro-batch] -> pair ids; every rank has the same number of micro-batches."""
+        pairs = self.step_pairs(epoch, step_in_epoch)
+        shares = split_across_ranks(pairs, [self.costs[i] for i in pairs], self.num_ranks)
+        per_rank = [best_fit_decreasing(sh, [self.costs[i] for i in sh], self.max_tokens) for sh in shares]
+        target = max(len(bins) for bins in per_rank)
+        for bins in per_rank:
+            while len(bins) < target:
+                splittable = [b for b in bins if len(b) > 1]
+                if splittable:
+                    # halve the bin with most pairs: smaller micro-batches, same pairs, no filler
+                    big = max(splittable, key=len)
+                    bins.append(big[len(big) // 2 :])
+                    del big[len(big) // 2 :]
+                else:
+                    bins.append([FILLER])
+        return per_rank
+
+
+def filler_pair() -> tuple[list[int], list[int]]:
+    """A two-token pair with weight 0: keeps a rank in lockstep without changing the loss."""
+    return [0, 0], [0, 0]
+
+
+def pack_step(
+    plan_for_rank: list[list[int]],
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    shared_prefix: bool,
+    share_max_len: int | None = None,
+) -> list[MicroBatch]:
+    """Build this rank's micro-batches for one step from its plan and the dataset's id pairs."""
+    out = []
+    for bin_ids in plan_for_rank:
+        got = [filler_pair() if i == FILLER else pairs[i] for i in bin_ids]
+        out.append(build_micro_batch(got, shared_prefix=shared_prefix, pair_ids=bin_ids, share_max_len=share_max_len))
+    return out
+
+
+def pack_in_order(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_tokens: int, shared_prefix: bool, share_max_len: int | None = None
+) -> list[MicroBatch]:
+    """Evaluation/scoring packing: all pairs once, best-fit decreasing, no shuffling, one rank."""
+    costs = [pair_cost(c, r, shared_prefix, share_max_len) for c, r in pairs]
+    bins = best_fit_decreasing(list(range(len(pairs))), costs, max_tokens)
+    return pack_step(bins, pairs, shared_prefix=shared_prefix, share_max_len=share_max_len)

@@ -1,0 +1,259 @@
+"""Side-by-side training throughput: padded batches vs packing vs packing + shared prefix.
+
+One process, the same model weights, the same pairs and the same optimizer steps for all
+three modes; each step is forward + backward + AdamW step. Modes:
+
+  padded  what TRL's RewardTrainer does: a micro-batch of b pairs becomes a [2b, Lmax] batch
+          (chosen and rejected rows) padded to its longest row, attention is one dense SDPA
+          call with a causal + padding mask. b is chosen so padded runs as many micro-batches
+          per step as plain packing does.
+  packed  polar-train's padding-free micro-batches (best-fit decreasing, varlen attention),
+          chosen and rejected as two sequences.
+  shared  the same with the shared prefix computed once (SPEC section 6).
+
+Figures: pairs/s, tokens computed (pad included for padded), tokens/s, and on CUDA achieved
+TFLOP/s, MFU against a bf16 matmul peak measured in the same run, and peak memory. Ratios are
+printed against padded and packed. Model FLOPs per computed token (Kaplan et al. 2020, the
+usual 6N rule): 6 x non-embedding parameters, plus attention 12 x layers x heads x head_dim
+per attended (query, key) pair (forward 4 = QK^T + AV at 2 FLOP per multiply-add, x3 for
+backward). Padded mode is credited only with its real tokens' FLOPs (useful work).
+
+CPU (tiny model; ratios only):
+    python scripts/make_length_mix.py --scale 0.125 --num-pairs 256 --out /tmp/mix.jsonl
+    python scripts/bench.py --data /tmp/mix.jsonl --shape tiny --steps 4 --pairs-per-step 64 --max-tokens 8192
+GPU (random POLAR-shaped weights, bf16):
+    python scripts/bench.py --data data/length_mix.jsonl --shape polar-1.8b --steps 5 --pairs-per-step 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import polar_train.model.internlm2 as internlm2_module
+from polar_train.data import load_pair_dataset
+from polar_train.model import InternLM2RewardModel, ModelConfig, resolve_attention
+from polar_train.model.varlen import VarlenMeta
+from polar_train.packing import StepPlanner, pack_step, pair_cost
+from polar_train.tokenizer import load_tokenizer, special_token_ids
+
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate (SPEC 4; 1.8B as believed there)
+    "tiny": (128, 4, 4, 2, 352),
+    "small": (512, 8, 8, 4, 1408),
+    "polar-1.8b": (2048, 24, 16, 8, 8192),
+    "polar-7b": (4096, 32, 32, 8, 14336),
+}
+
+
+def build_model(shape: str, vocab: int, reward_id: int, attention: str, device, dtype) -> InternLM2RewardModel:
+    h, layers, heads, kv, inter = SHAPES[shape]
+    config = ModelConfig.fresh(
+        hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+        intermediate_size=inter, vocab_size=vocab, reward_token_id=reward_id, max_position_embeddings=262144,
+        rope_theta=5e7,
+    )
+    model = InternLM2RewardModel(config, attention=attention)
+    model.init_weights(0)
+    return model.to(device=device, dtype=dtype)
+
+
+# ---- padded baseline: dense [B, L] batches through the same weights ----
+
+def padded_attention(q, k, v, plan):
+    """Dense SDPA over a [B, L] batch laid flat as B rows of L tokens: causal + padding mask."""
+    B, L, valid = plan.padded
+    nh, nkv, hd = q.shape[1], k.shape[1], q.shape[2]
+    q = q.view(B, L, nh, hd).transpose(1, 2)  # [B, nh, L, hd]
+    k = k.view(B, L, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    v = v.view(B, L, nkv, hd).transpose(1, 2).repeat_interleave(nh // nkv, dim=1)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    mask = causal[None, None] & valid[:, None, None, :]  # [B, 1, L, L]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(B * L, nh, hd)
+
+
+class PaddedPlan:
+    def __init__(self, B, L, valid):
+        self.padded = (B, L, valid)
+
+
+def padded_batch(pairs, device):
+    """[2b, Lmax] right-padded rows (chosen rows then rejected rows), flattened."""
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    valid = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        valid[i, : len(r)] = True
+    last = torch.tensor([i * L + len(r) - 1 for i, r in enumerate(rows)])
+    pos = torch.arange(L).repeat(len(rows))
+    meta = VarlenMeta.from_lengths([L] * len(rows))  # rope: every row its own sequence of length L
+    return ids.flatten().to(device), pos.to(device), meta.to(device), last.to(device), PaddedPlan(len(rows), L, valid.to(device))
+
+
+# ---- measurement ----
+
+def attended_pairs(lq: int, lk: int) -> int:
+    """(query, key) pairs a bottom-right causal mask allows."""
+    return lq * (lk - lq) + lq * (lq + 1) // 2
+
+
+def run_mode(mode, model, opt, steps_plan, pairs, device, cast, sync):
+    """Returns seconds, real pairs, tokens computed, attended (q,k) pairs of real tokens."""
+    n_pairs = tokens = att = 0
+    sync()
+    t0 = time.perf_counter()
+    for plan_bins in steps_plan:
+        step_pairs = sum(len(b) for b in plan_bins)
+        if mode == "padded":
+            for bin_ids in plan_bins:
+                got = [pairs[i] for i in bin_ids]
+                ids, pos, meta, last, pplan = padded_batch(got, device)
+                orig = internlm2_module.plan_attention
+                internlm2_module.plan_attention = lambda meta, backend, num_tokens: pplan
+                internlm2_module.varlen_attention = padded_attention
+                try:
+                    with cast:
+                        rewards = model(ids, pos, meta, last).float()
+                finally:
+                    internlm2_module.plan_attention = orig
+                    internlm2_module.varlen_attention = ORIGINAL_ATTENTION
+                c, r = rewards.chunk(2)
+                (-F.logsigmoid(c - r)).sum().div(step_pairs).backward()
+                tokens += ids.numel()
+                att += sum(attended_pairs(len(s), len(s)) for p in got for s in p)
+        else:
+            for mb in pack_step(plan_bins, pairs, shared_prefix=mode == "shared"):
+                lens_q = (mb.meta.cu_seqlens_q[1:] - mb.meta.cu_seqlens_q[:-1]).tolist()
+                lens_k = (mb.meta.cu_seqlens_k[1:] - mb.meta.cu_seqlens_k[:-1]).tolist()
+                att += sum(attended_pairs(a, b) for a, b in zip(lens_q, lens_k))
+                tokens += mb.num_tokens
+                mb = mb.to(device)
+                with cast:
+                    rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()
+                c, r = rewards.chunk(2)
+                (-F.logsigmoid(c - r)).sum().div(step_pairs).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n_pairs += step_pairs
+    sync()
+    return time.perf_counter() - t0, n_pairs, tokens, att
+
+
+ORIGINAL_ATTENTION = internlm2_module.varlen_attention
+
+
+def matmul_peak_tflops(device, dtype) -> float:
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    iters = 20
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="POLAR-format JSONL (scripts/make_length_mix.py)")
+    p.add_argument("--tokenizer", default="data/tokenizer")
+    p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per mode")
+    p.add_argument("--rounds", type=int, default=2, help="repeat all modes; the best round counts")
+    p.add_argument("--pairs-per-step", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=16384, help="micro-batch budget of the packed modes")
+    p.add_argument("--max-length", type=int, default=16384)
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cast = contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokenizer = load_tokenizer(args.tokenizer)
+    _, reward_id = special_token_ids(tokenizer, None)
+    dataset, stats = load_pair_dataset([args.data], tokenizer, args.tokenizer, max_length=args.max_length,
+                                       max_response_length=4096, cache_dir=None, on_error="raise")
+    pairs = [(c, r) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])
+             if pair_cost(c, r, False) <= args.max_tokens]  # every mode sees the same pairs
+    attention = resolve_attention(args.attention, device)
+    model = build_model(args.shape, len(tokenizer), reward_id, attention, device, dtype)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=device.type == "cuda")
+
+    n_steps = args.steps + 1  # one warm-up step per mode, not measured
+    plans = {}
+    for mode in ("packed", "shared"):
+        planner = StepPlanner([pair_cost(c, r, mode == "shared") for c, r in pairs],
+                              pairs_per_step=args.pairs_per_step, max_tokens=args.max_tokens, seed=0)
+        plans[mode] = [planner.plan(0, k)[0] for k in range(n_steps)]
+    mbs_per_step = statistics.mean(len(p) for p in plans["packed"])
+    b = max(1, math.ceil(args.pairs_per_step / mbs_per_step))
+    plans["padded"] = []
+    for step in plans["packed"]:
+        ids = sorted(i for bin_ids in step for i in bin_ids)  # same pairs, random order
+        ids = [ids[j] for j in torch.randperm(len(ids), generator=torch.Generator().manual_seed(len(plans["padded"]))).tolist()]
+        plans["padded"].append([ids[j : j + b] for j in range(0, len(ids), b)])
+
+    non_embed = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
+    cfg = model.config
+    att_flops = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim
+    peak = matmul_peak_tflops(device, dtype) if device.type == "cuda" else None
+    results = {m: {"seconds": float("inf")} for m in ("padded", "packed", "shared")}
+    for _ in range(args.rounds):
+        for mode in ("padded", "packed", "shared"):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            run_mode(mode, model, opt, plans[mode][:1], pairs, device, cast, sync)  # warm-up
+            sec, n, tok, att = run_mode(mode, model, opt, plans[mode][1:], pairs, device, cast, sync)
+            if sec < results[mode]["seconds"]:
+                real_tokens = sum(pair_cost(*pairs[i], mode == "shared") for s in plans[mode][1:] for bin_ids in s for i in bin_ids)
+                useful_tokens = real_tokens if mode != "padded" else sum(len(c) + len(r) for s in plans[mode][1:] for bin_ids in s for c, r in [pairs[i] for i in bin_ids])
+                flops = 6 * non_embed * useful_tokens + att_flops * att
+                results[mode] = {
+                    "seconds": sec, "pairs": n, "pairs_per_s": n / sec, "tokens_computed": tok,
+                    "tokens_per_s": tok / sec, "micro_batches": sum(len(s) for s in plans[mode][1:]),
+                    "tflops": flops / sec / 1e12,
+                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                }
+                if peak:
+                    results[mode]["mfu"] = results[mode]["tflops"] / peak
+
+    print(f"device {device} | shape {args.shape} | attention {attention} | dtype {dtype} | "
+          f"{len(pairs)} pairs | {args.steps} steps x {args.pairs_per_step} pairs | budget {args.max_tokens} | padded b={b}"
+          + (f" | bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
+    print(f"{'mode':8} {'pairs/s':>9} {'tokens computed':>16} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    for mode, r in results.items():
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+        print(f"{mode:8} {r['pairs_per_s']:9.2f} {r['tokens_computed']:16d} {r['tokens_per_s']:10.0f} {r['tflops']:8.3f} {mfu:>6} {mem:>9}")
+    ratios = {
+        "shared_vs_padded": results["shared"]["pairs_per_s"] / results["padded"]["pairs_per_s"],
+        "shared_vs_packed": results["shared"]["pairs_per_s"] / results["packed"]["pairs_per_s"],
+        "packed_vs_padded": results["packed"]["pairs_per_s"] / results["padded"]["pairs_per_s"],
+        "tokens_saved_by_shared_prefix": 1 - results["shared"]["tokens_computed"] / results["packed"]["tokens_computed"],
+        "padding_share_of_padded": 1 - results["packed"]["tokens_computed"] / results["padded"]["tokens_computed"],
+    }
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" + ("x" if "vs" in k else "") for k, v in ratios.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
