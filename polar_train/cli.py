@@ -17,12 +17,8 @@ from polar_train.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="polar-train", description="Fine-tune POLAR reward models.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add = sub.add_parser
-    sub.add_parser = lambda *a, **k: add(*a, parents=[common], **k)  # --debug after the command too
 
     p = sub.add_parser("train", help="fine-tune a reward model (one process or under torchrun)")
     p.add_argument("config", help="YAML config file, e.g. configs/demo.yaml")
@@ -102,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("POLAR_TRAIN_DEBUG", "") not in ("", "0")
     try:
-        args = build_parser().parse_args(argv)
+        # --debug may stand anywhere, also among the key=value overrides
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
         return COMMANDS[args.command](args)
     except UserError as e:
         if debug:
