@@ -40,11 +40,11 @@ OnError = Literal["raise", "skip"]
 WRAPPERS = ("sft", "pretrain")
 PAIR_FIELDS = ("prompt", "reference", "chosen", "rejected")
 # Bump when the encoding or the cached columns change: old caches then stop matching.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2  # 2: the cached stats list every skipped row, not the first few
 # Tokenizer files that decide the ids (a checkpoint folder also holds GBs of weights: not hashed).
 _TOKENIZER_FILE_PATTERNS = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json",
                             "added_tokens.json", "merges.txt", "*.tiktoken", "tokenization_*.py")
-_NUM_EXAMPLE_SOURCES = 5  # how many FILE:LINE examples DataStats keeps per category
+_NUM_EXAMPLE_SOURCES = 5  # how many FILE:LINE examples the log and reports show per category
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,23 +315,25 @@ class DataStats:
     num_prompt_truncated: int = 0  # kept pairs whose prompt lost its first tokens
     num_response_truncated: int = 0  # kept pairs whose reference or an output was cut
     num_skipped: int = 0  # bad rows left out (on_error=skip)
-    skipped: list[SkippedRow] = field(default_factory=list)  # the first few
+    skipped: list[SkippedRow] = field(default_factory=list)  # every one (rundir.write_skipped_rows lists them)
     cache_hit: bool = False  # read from the tokenization cache
 
     def summary(self) -> str:
-        """One log line."""
+        """One log line (the first few too-long and skipped rows only)."""
         line = (f"{self.num_pairs} pairs ({self.num_tokens} tokens) from {self.num_rows} rows; "
                 f"{self.num_too_long} too long, {self.num_skipped} bad rows skipped; truncated: "
                 f"{self.num_prompt_truncated} prompts, {self.num_response_truncated} responses")
         if self.too_long_sources:
             line += f"; too long: {', '.join(self.too_long_sources)}"
         if self.skipped:
-            line += "; skipped: " + ", ".join(f"{s.source} ({s.reason})" for s in self.skipped)
+            line += "; skipped: " + ", ".join(f"{s.source} ({s.reason})" for s in self.skipped[:_NUM_EXAMPLE_SOURCES])
         return line
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready fields (the skipped rows as objects)."""
-        return dataclasses.asdict(self)
+    def as_dict(self, max_skipped: int | None = _NUM_EXAMPLE_SOURCES) -> dict[str, Any]:
+        """JSON-ready fields, the skipped rows as objects: the first ``max_skipped`` (None = all)."""
+        obj = dataclasses.asdict(self)
+        obj["skipped"] = obj["skipped"][:max_skipped]
+        return obj
 
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> DataStats:
@@ -411,7 +413,7 @@ def _save_atomically(dataset: Any, stats: DataStats, final_dir: Path) -> None:
     try:
         tmp_dir.mkdir(parents=True)
         dataset.save_to_disk(str(tmp_dir / "dataset"))
-        (tmp_dir / "stats.json").write_text(json.dumps(stats.as_dict(), indent=1))
+        (tmp_dir / "stats.json").write_text(json.dumps(stats.as_dict(max_skipped=None), indent=1))
         os.rename(tmp_dir, final_dir)
         logger.info("data: tokenized pairs cached in %s", final_dir)
     except OSError as error:
@@ -466,7 +468,7 @@ def load_pair_dataset(
         records.extend(dataclasses.asdict(p) for p in pairs)
         all_skipped.extend(skipped)
     stats.num_rows = len(records) + len(all_skipped)
-    stats.num_skipped, stats.skipped = len(all_skipped), all_skipped[:_NUM_EXAMPLE_SOURCES]
+    stats.num_skipped, stats.skipped = len(all_skipped), all_skipped
     logger.info("data: tokenizing %d pairs from %d file(s)", len(records), len(files))
 
     encoded = datasets.Dataset.from_list(records).map(
@@ -488,10 +490,17 @@ def load_pair_dataset(
     dataset = dataset.select_columns(["chosen_ids", "rejected_ids", "source"])
     stats.num_pairs = len(dataset)
     stats.num_tokens = sum(encoded["num_tokens"])
+    if all_skipped:
+        first = ", ".join(s.source for s in all_skipped[:_NUM_EXAMPLE_SOURCES])
+        logger.warning("data: skipped %d bad rows (on_error=skip; first: %s; %s: %s)", len(all_skipped), first,
+                       all_skipped[0].source, all_skipped[0].reason)
     if too_long:
         logger.warning("data: dropped %d pairs that do not fit max_length=%d (first: %s)", len(too_long), max_length, ", ".join(stats.too_long_sources))
-    if all_skipped:
-        logger.warning("data: skipped %d bad rows (first: %s: %s)", len(all_skipped), all_skipped[0].source, all_skipped[0].reason)
+    if not stats.num_pairs:
+        raise UserError(
+            ", ".join(files), f"no pair fits max_length={max_length}: all {len(too_long)} pairs are too long (first: {too_long[0]})",
+            f"raise data.max_length, or lower data.max_response_length (now {max_response_length}) to leave the prompt room",
+        )
     if final_dir is not None:
         _save_atomically(dataset, stats, final_dir)
     logger.info("data: %s", stats.summary())
