@@ -1,16 +1,20 @@
 """``polar-train <command>``: argument parsing only; each command is one function elsewhere.
 
 A user mistake (``UserError``) prints one line ``polar-train: error: <where>: <what> (<fix>)``
-and exits 2 (1 for a failure inside training); ``--debug`` or ``POLAR_TRAIN_DEBUG=1`` adds the
-traceback.
+and exits 2 (1 for a failure inside training). Common failures of the machine rather than the
+code (an ``OSError`` such as permission denied or disk full, running out of memory) print one
+line too, naming the path, and exit 1. ``--debug`` or ``POLAR_TRAIN_DEBUG=1`` adds the
+traceback; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from polar_train.errors import UserError
 
@@ -94,18 +98,76 @@ def cmd_convert(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "data": cmd_data, "score": cmd_score, "eval": cmd_eval, "convert": cmd_convert}
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Cheap checks of path arguments, before any model loads (``--device`` is checked by scoring)."""
+    model = getattr(args, "model", None)
+    if model is not None and not Path(model).is_dir():
+        what = "is a file, not a model folder" if Path(model).exists() else "model folder not found"
+        raise UserError(model, f"{what} (--model)", "give a Hugging Face checkpoint folder with config.json, weights and tokenizer")
+    data = getattr(args, "data", None)
+    if data is not None and not Path(data).is_file():
+        what = "is not a file" if Path(data).exists() else "data file not found"
+        raise UserError(data, f"{what} (--data)", "give a JSONL file, one JSON object per line")
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise UserError(checkpoint, "checkpoint not found", "give output_dir/checkpoints/step-N or a run's output_dir")
+
+
+_OS_ERROR_FIXES = {
+    errno.EACCES: "check its permissions, or choose another path",
+    errno.EPERM: "check its permissions, or choose another path",
+    errno.EROFS: "the file system is read-only: choose another path",
+    errno.ENOSPC: "the disk is full: free space or choose another output_dir",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another output_dir",
+    errno.ENOENT: "check that the path and its parent folders exist",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder: give a file",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """``<path>: <what> (<fix>)`` for an OSError, e.g. ``runs/x/hf: Permission denied (check ...)``."""
+    where = error.filename if error.filename is not None else "system"
+    if error.filename2 is not None:
+        where = f"{error.filename} -> {error.filename2}"
+    what = error.strerror or str(error)
+    fix = _OS_ERROR_FIXES.get(error.errno or 0, "check the path and the machine's disk")
+    return f"{where}: {what} ({fix})"
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("POLAR_TRAIN_DEBUG", "") not in ("", "0")
+    args = None
     try:
         # --debug may stand anywhere, also among the key=value overrides
         args = build_parser().parse_args([a for a in argv if a != "--debug"])
+        check_args(args)
         return COMMANDS[args.command](args)
     except UserError as e:
         if debug:
             traceback.print_exc()
         print(f"polar-train: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the machine, not the code: permission denied, disk full, ...
+        if debug:
+            traceback.print_exc()
+        print(f"polar-train: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        if debug:
+            traceback.print_exc()
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fix = ("lower --max-tokens" if getattr(args, "command", None) in ("score", "eval") else
+               "lower data.max_tokens, set model.gradient_checkpointing=true, or use more GPUs / ZeRO-3")
+        print(f"polar-train: error: out of memory: {first_line} ({fix})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("polar-train: interrupted", file=sys.stderr)
         return 130
