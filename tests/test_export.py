@@ -54,7 +54,8 @@ def test_export_file_set_config_and_round_trip(tmp_path):
 
     shard = "model-00001-of-00001.safetensors"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", shard, "model.safetensors.index.json", *REMOTE_CODE, *TOKENIZER])
+        ["config.json", shard, "model.safetensors.index.json", *REMOTE_CODE, *TOKENIZER, "README.md"])
+    assert (out / "README.md").read_text() != "not copied"  # our model card, not the base's
     assert (out / "tokenizer.model").read_bytes() == (base / "tokenizer.model").read_bytes()
     assert not list(tmp_path.glob("export.*"))  # no tmp / old folders left behind
 
@@ -95,6 +96,9 @@ def test_sharded_export_loads_back(tmp_path):
         assert size <= 20_000 or len(tensors) == 1
     loaded = load_model(out)
     assert torch.equal(rewards(loaded), rewards(model))
+    card = (out / "README.md").read_text()
+    assert "polar-train score" in card
+    assert "trust_remote_code" not in card  # auto_map names modeling_internlm2.py, which is not there
 
 
 def test_bf16_export_and_overwrite(tmp_path):
@@ -204,3 +208,93 @@ def test_parse_size():
     for bad in ("lots", "-1GB", "0"):
         with pytest.raises(UserError, match="max_shard_size"):
             parse_size(bad)
+
+
+# --- fidelity to a sharded base with remote code, and the additions ----------------------------
+
+
+def make_sharded_base(root: Path, tokenizer_dir: Path) -> Path:
+    """A base folder as published checkpoints look: two shards + index (split by hand), remote-code
+    *.py files and ``auto_map``, extra config keys, the tokenizer, a README of its own."""
+    from polar_train.tokenizer import load_tokenizer, special_token_ids
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    cfg = ModelConfig.fresh(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=len(tokenizer),
+                            reward_token_id=special_token_ids(tokenizer, None)[1])
+    model = InternLM2RewardModel(cfg)
+    model.init_weights(seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    base = root / "POLAR-tiny-Base"
+    base.mkdir()
+    state = model.state_dict()
+    first = [k for k in state if k.startswith(("model.tok_embeddings.", "model.layers.0."))]
+    shards = {"model-00001-of-00002.safetensors": first,
+              "model-00002-of-00002.safetensors": [k for k in state if k not in first]}
+    for file, names in shards.items():
+        save_file({k: state[k].contiguous() for k in names}, str(base / file), metadata={"format": "pt"})
+    index = {"metadata": {"total_size": 4 * sum(t.numel() for t in state.values())},
+             "weight_map": {k: file for file, names in shards.items() for k in names}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    (base / "config.json").write_text(json.dumps({**cfg.raw, "custom_key": [1], "transformers_version": "4.49.0"}))
+    for name in REMOTE_CODE:
+        (base / name).write_text(f"# fake {name}\n")
+    for f in tokenizer_dir.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    (base / "README.md").write_text("# POLAR-tiny-Base\n")
+    return base
+
+
+def test_export_keeps_the_base_layout_and_rewards(tmp_path, repo_root):
+    import yaml
+
+    from polar_train.scoring import score_rows
+    from polar_train.tokenizer import load_tokenizer
+
+    base = make_sharded_base(tmp_path, repo_root / "data" / "tokenizer")
+    model = load_model(base)
+    sizes = [t.numel() * 4 for t in model.state_dict().values()]
+    training_config = {"model": {"path": base}, "train": {"lr": 1e-5, "betas": (0.9, 0.95)}}
+    report = {"pairs": 200, "accuracy": 0.875, "mean_margin": 1.25, "reward_mean": -0.5, "reward_std": 2.0,
+              "num_dropped": 3, "chosen": {"mean": 0.1, "std": 1.0, "p5": -1.0, "p50": 0.1, "p95": 1.2}}
+    out = save_model(model, tmp_path / "export", base_dir=base, max_shard_size=sum(sizes) // 2 + max(sizes),
+                     training_config=training_config, eval_report=report)
+
+    # the same files as the base, plus the documented additions (README.md is ours, not the base's)
+    assert sorted(p.name for p in out.iterdir()) == sorted({p.name for p in base.iterdir()} | {"training_config.yaml"})
+    for f in base.iterdir():
+        if f.suffix == ".py" or f.name.startswith("tokenizer"):
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+
+    def tensors(folder: Path) -> dict[str, tuple[int, ...]]:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        shapes = {}
+        for file in set(weight_map.values()):
+            with safe_open(str(folder / file), "pt") as f:
+                shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+        assert set(shapes) == set(weight_map)
+        return shapes
+
+    assert tensors(out) == tensors(base)
+    base_cfg, cfg = json.loads((base / "config.json").read_text()), json.loads((out / "config.json").read_text())
+    assert set(cfg) == set(base_cfg)  # torch_dtype and reward_token_id were already there
+    assert {k: v for k, v in cfg.items() if k != "torch_dtype"} == {k: v for k, v in base_cfg.items() if k != "torch_dtype"}
+
+    assert yaml.safe_load((out / "training_config.yaml").read_text()) == {
+        "model": {"path": str(base)}, "train": {"lr": 1e-5, "betas": [0.9, 0.95]}}
+    card = (out / "README.md").read_text()
+    assert "AutoModel.from_pretrained" in card and "trust_remote_code=True" in card
+    assert "polar-train score --model" in card and "POLAR-tiny-Base" in card
+    assert "| accuracy | 0.8750 |" in card and "| num_dropped | 3 |" in card
+
+    rows = [{"prompt": "What is the capital of China?", "reference": "Beijing.", "output": o}
+            for o in ("Beijing.", "Shanghai.", "It is Beijing.")]
+    tokenizer = load_tokenizer(out)
+    exported = load_model(out)
+    assert [r["reward"] for r in score_rows(exported, tokenizer, rows)] == [
+        r["reward"] for r in score_rows(model, load_tokenizer(base), rows)]
+    for name, t in exported.state_dict().items():
+        assert torch.equal(t, model.state_dict()[name]), name

@@ -7,6 +7,11 @@ A checkpoint folder holds ``config.json``, the weights (``model.safetensors``, s
 ``save_model`` ALWAYS writes sharded names plus the index, even for one shard
 (``model-00001-of-00001.safetensors``): transformers, vLLM, SGLang and LMDeploy all load that
 form, and the export looks the same whatever the model size.
+
+An export holds exactly: ``config.json``, the shards and their index, every ``*.py`` and
+tokenizer file of the base folder (``SIDE_FILES``), and two additions: ``README.md`` (a model
+card: how to load and score, the eval figures when given) and, when given,
+``training_config.yaml`` (the resolved training config).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ BIN_SINGLE = "pytorch_model.bin"
 SIDE_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
               "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
               "generation_config.json")
+MODEL_CARD = "README.md"
+TRAINING_CONFIG = "training_config.yaml"
 LM_HEAD = "output.weight"  # InternLM2ForCausalLM's head, ignored when loading an LM as a reward model
 
 
@@ -212,7 +219,9 @@ def _side_files(base_dir: Path) -> Iterator[Path]:
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig, out_dir: str | Path, *,
                     base_dir: str | Path | None = None, dtype: torch.dtype | None = None,
-                    max_shard_size: int | str = "5GB", extra_config: dict[str, Any] | None = None) -> Path:
+                    max_shard_size: int | str = "5GB", extra_config: dict[str, Any] | None = None,
+                    training_config: Mapping[str, Any] | None = None,
+                    eval_report: Mapping[str, Any] | None = None) -> Path:
     """Write a Hugging Face checkpoint folder from a full state dict (see ``save_model``)."""
     out_dir = Path(out_dir)
     check_tensors({k: tuple(v.shape) for k, v in state_dict.items()}, config, f"export to {out_dir}")
@@ -244,6 +253,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
             for f in _side_files(Path(base_dir)):
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if training_config is not None:
+            (tmp / TRAINING_CONFIG).write_text(_yaml(training_config), encoding="utf-8")
         weight_map: dict[str, str] = {}
         for i, names in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -251,6 +262,10 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
             weight_map.update((n, file) for n in names)
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        card = model_card(raw, tmp, name=out_dir.name, base_dir=base_dir, num_shards=len(shards),
+                          num_parameters=sum(v.numel() for v in state_dict.values()),
+                          eval_report=eval_report, has_training_config=training_config is not None)
+        (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
         # Swap in: a crash before this point leaves any previous export untouched.
         if out_dir.exists():
             old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
@@ -267,14 +282,137 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
 
 def save_model(model: InternLM2RewardModel, out_dir: str | Path, *, base_dir: str | Path | None = None,
                dtype: torch.dtype | None = None, max_shard_size: int | str = "5GB",
-               extra_config: dict[str, Any] | None = None) -> Path:
+               extra_config: dict[str, Any] | None = None, training_config: Mapping[str, Any] | None = None,
+               eval_report: Mapping[str, Any] | None = None) -> Path:
     """Export ``model`` as a Hugging Face checkpoint that POLAR's serving engines load unchanged.
 
-    Writes ``config.json`` (the model's raw config, every original key kept, with ``torch_dtype``
-    and ``reward_token_id`` set, then ``extra_config`` on top), safetensors shards of at most
-    ``max_shard_size`` plus ``model.safetensors.index.json``, and copies every ``*.py``,
-    tokenizer file and ``generation_config.json`` of ``base_dir``. ``dtype`` None keeps the
-    model's. Written to ``<out_dir>.tmp-<pid>`` and renamed into place. Returns ``out_dir``.
+    Writes ``config.json`` (the model's raw config, every original key kept, ``architectures``
+    and ``auto_map`` included, with ``torch_dtype`` and ``reward_token_id`` set, then
+    ``extra_config`` on top), safetensors shards of at most ``max_shard_size`` plus
+    ``model.safetensors.index.json``, and copies every ``*.py``, tokenizer file and
+    ``generation_config.json`` of ``base_dir``. Adds ``README.md`` (a model card; with
+    ``eval_report``, a ``pair_report`` dict, it lists the eval figures) and, with
+    ``training_config`` (the resolved config as a dict, or a dataclass), ``training_config.yaml``.
+    ``dtype`` None keeps the model's. Written to ``<out_dir>.tmp-<pid>`` and renamed into place.
+    Returns ``out_dir``.
+
+    >>> save_model(model, "runs/demo/hf", base_dir="POLAR-7B-Base", dtype=torch.bfloat16,
+    ...            training_config=to_dict(cfg), eval_report=report)  # doctest: +SKIP
     """
     return save_state_dict(model.state_dict(), model.config, out_dir, base_dir=base_dir, dtype=dtype,
-                           max_shard_size=max_shard_size, extra_config=extra_config)
+                           max_shard_size=max_shard_size, extra_config=extra_config,
+                           training_config=training_config, eval_report=eval_report)
+
+
+# ---------------------------------------------------------------------------------------------
+# The additions: training_config.yaml and the model card
+# ---------------------------------------------------------------------------------------------
+
+
+def _yaml(config: Mapping[str, Any] | Any) -> str:
+    """The training config as YAML; a dataclass is turned into a dict, paths and tuples into
+    strings and lists (plain types only, so ``yaml.safe_load`` reads it back)."""
+    import dataclasses
+
+    import yaml
+
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"training_config must be a dict or a dataclass, not {type(config).__name__}")
+    plain = json.loads(json.dumps(config, default=str))
+    return "# The resolved training config of this model (polar-train).\n" + yaml.safe_dump(plain, sort_keys=False)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _number(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _eval_section(report: Mapping[str, Any]) -> list[str]:
+    lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
+    for key in ("pairs", "accuracy", "ties", "mean_margin", "ranking_loss", "reward_mean", "reward_std"):
+        if key in report:
+            lines.append(f"| {key} | {_number(report[key])} |")
+    for key, value in report.items():
+        if key.startswith("num_") and isinstance(value, int):
+            lines.append(f"| {key} | {value} |")
+    stats = [k for k in ("chosen", "rejected", "margin") if isinstance(report.get(k), Mapping)]
+    if stats:
+        columns = [c for c in ("mean", "std", "p5", "p25", "p50", "p75", "p95") if c in report[stats[0]]]
+        lines += ["", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += [f"| {k} | " + " | ".join(_number(report[k].get(c)) for c in columns) + " |" for k in stats]
+    lines += ["", "`reward_mean` / `reward_std` are over all chosen and rejected rewards: use them to "
+              "normalise rewards in RL.", ""]
+    return lines
+
+
+def model_card(config: Mapping[str, Any], folder: Path, *, name: str, base_dir: str | Path | None = None,
+               num_shards: int = 1, num_parameters: int = 0, eval_report: Mapping[str, Any] | None = None,
+               has_training_config: bool = False) -> str:
+    """``README.md`` of an export: what it is, how to load it and score with it, the eval figures.
+
+    ``folder`` is the export being written: remote-code loading is described only when the
+    ``*.py`` files that ``auto_map`` names are there.
+    """
+    auto_map = config.get("auto_map") or {}
+    modules = {str(target).split(".")[0] for target in auto_map.values() if isinstance(target, str)}
+    remote_code = bool(modules) and all((folder / f"{m}.py").is_file() for m in modules)
+    dtype = config.get("torch_dtype", "float32")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [reward-model, polar, internlm2, polar-train]",
+        "---",
+        f"# {name}",
+        "",
+        f"A POLAR reward model (`{', '.join(config.get('architectures') or ['InternLM2ForRewardModel'])}`, "
+        f"{_count(num_parameters)} parameters, {dtype}) fine-tuned with polar-train"
+        + (f" from `{Path(base_dir).name}`." if base_dir is not None else "."),
+        f"Weights: {num_shards} safetensors shard(s) with `{SAFE_INDEX}`; tensor names, shapes and "
+        "`config.json` keys are those of the base checkpoint, so engines that serve POLAR serve this "
+        "folder unchanged."
+        + (" The resolved training config is in `training_config.yaml`." if has_training_config else ""),
+        "",
+        "## Input",
+        "",
+        "The reward of an output is the value head at the last token of",
+        "",
+        "    prompt + \"\\n\" + reference + \"<|reward|>\" + prompt + \"\\n\" + output + \"[UNUSED_TOKEN_130]\"",
+        "",
+        "(the `\\n` is left out with the `pretrain` wrapper and before an empty reference or output).",
+        "",
+        "## Usage",
+        "",
+        "Score JSONL rows (`prompt`, `reference`, `output`, or pair rows with `chosen` and `rejected`):",
+        "",
+        "    polar-train score --model <this folder> --data rows.jsonl --output scored.jsonl",
+        "    polar-train eval --model <this folder> --data pairs.jsonl --output-dir eval/",
+        "",
+        "From Python, with polar-train (works with transformers 4.x and 5.x):",
+        "",
+        "    from polar_train.scoring import load_scorer, score_rows",
+        "    model, tokenizer = load_scorer(\"<this folder>\")",
+        "    rows = score_rows(model, tokenizer, [{\"prompt\": ..., \"reference\": ..., \"output\": ...}])",
+        "",
+    ]
+    if remote_code:
+        lines += [
+            "With transformers and the remote code shipped in this folder (as the official POLAR "
+            "models; that code runs with transformers 4.x):",
+            "",
+            "    from transformers import AutoModel, AutoTokenizer",
+            "    model = AutoModel.from_pretrained(\"<this folder>\", trust_remote_code=True)",
+            "    tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\", trust_remote_code=True)",
+            "",
+        ]
+    if eval_report is not None:
+        lines += _eval_section(eval_report)
+    return "\n".join(lines).rstrip("\n") + "\n"
