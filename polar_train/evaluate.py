@@ -1,16 +1,158 @@
-"""Rewards for many pairs with packed inference, and the metrics computed from them."""
+"""Packed inference over groups of sequences, and the eval report (figures, JSON, plots).
+
+Legend: N = pairs, G = groups of sequences sharing a prompt, T = tokens in one forward.
+
+Inference: a *group* is a list of token-id sequences that begin alike (all candidates of one
+prompt and reference). ``group_rewards`` lays each group out with its common prefix stored once
+(``packing.layout_groups``), packs the groups best-fit decreasing into forwards of at most
+``max_tokens`` tokens, and returns one reward per sequence, equal (up to float summation order)
+to running every sequence alone. A group costlier than ``max_tokens`` is split into smaller
+groups; a single sequence longer than ``max_tokens`` runs alone in its own forward::
+
+    group A (3 outputs, prefix p)  ->  [p a1' | a2' | a3']       one forward may hold
+    group B (pair, prefix q)       ->  [q c' | r']               several such groups
+
+Report: ``pair_report(chosen, rejected, **counts)`` turns pair rewards into the figures a user
+(and the trainer at its eval steps) wants; ``write_report`` writes ``report.json`` and two PNG
+plots. Example::
+
+    chosen, rejected = pair_rewards(model, pairs, max_tokens=16384)
+    report = pair_report(chosen, rejected, num_dropped=3)
+    write_report(report, "runs/x/eval", chosen, rejected)
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from polar_train.packing import pack_in_order
+from polar_train.packing import best_fit_decreasing, group_cost, layout_groups
+
+PERCENTILES = (5, 25, 50, 75, 95)
+REPORT_FILE = "report.json"
+REWARDS_PLOT = "rewards.png"  # chosen and rejected reward histograms, overlaid
+MARGIN_PLOT = "margin.png"  # histogram of chosen - rejected
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed inference
+# ---------------------------------------------------------------------------------------------
+
+
+def split_group(seqs: Sequence[Sequence[int]], max_tokens: int, share_max_len: int | None = None) -> list[list[int]]:
+    """Cut a group into consecutive sub-groups (lists of indices) that each fit ``max_tokens``.
+
+    Greedy in input order; the shared-prefix cost is updated incrementally (the common prefix
+    of a sub-group is the shortest common prefix of each member with its first one), so a
+    group of k sequences costs O(k * length). A sequence longer than ``max_tokens`` ends up alone.
+
+    >>> split_group([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9, 9]], max_tokens=6)
+    [[0, 1], [2]]
+    """
+    chunks: list[list[int]] = []
+    first: Sequence[int] = ()
+    common = total = min_len = max_len = 0
+    for i, seq in enumerate(seqs):
+        if chunks:
+            n = 0  # common prefix of `seq` and the chunk's first sequence
+            limit = min(common, len(seq))
+            while n < limit and seq[n] == first[n]:
+                n += 1
+            k = len(chunks[-1]) + 1
+            c_min, c_max, c_total = min(min_len, len(seq)), max(max_len, len(seq)), total + len(seq)
+            shared = 0 if share_max_len is not None and c_max > share_max_len else min(n, c_min - 1)
+            if c_total - (k - 1) * shared <= max_tokens:
+                chunks[-1].append(i)
+                common, total, min_len, max_len = n, c_total, c_min, c_max
+                continue
+        chunks.append([i])
+        first, common, total, min_len, max_len = seq, len(seq), len(seq), len(seq), len(seq)
+    return chunks
+
+
+@dataclass
+class InferenceStats:
+    """Token accounting of one ``group_rewards`` call."""
+
+    num_sequences: int = 0
+    num_sequence_tokens: int = 0  # summed lengths: what separate sequences would cost
+    num_packed_tokens: int = 0  # tokens actually run (shared prefixes once)
+    num_forwards: int = 0
+    num_over_budget: int = 0  # sequences longer than max_tokens, each run alone
 
 
 @torch.no_grad()
+def group_rewards(
+    model: torch.nn.Module,
+    groups: Sequence[Sequence[Sequence[int]]],
+    *,
+    max_tokens: int,
+    shared_prefix: bool = True,
+    share_max_len: int | None = None,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    on_forward: Callable[[list[tuple[int, int]]], None] | None = None,
+    stats: InferenceStats | None = None,
+) -> list[list[float]]:
+    """Reward of every sequence of every group: ``out[g][k]`` for ``groups[g][k]``.
+
+    ``share_max_len``: share a prefix only within groups whose sequences are all at most this
+    long (dynamic RoPE scaling, see ``packing.prefix_to_share``). ``device`` defaults to the
+    model's. ``on_forward`` is called after each forward with the ``(group, index)`` pairs it
+    scored (progress bars). ``stats``, when given, is filled in.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, not {max_tokens}")
+    stats = stats if stats is not None else InferenceStats()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    out: list[list[float]] = [[math.nan] * len(g) for g in groups]
+
+    # (group, member indices) units that each fit the budget, unless one sequence alone does not
+    units: list[tuple[int, list[int]]] = []
+    for g, seqs in enumerate(groups):
+        if not shared_prefix:
+            units.extend((g, [k]) for k in range(len(seqs)))
+        elif seqs:
+            units.extend((g, chunk) for chunk in split_group(seqs, max_tokens, share_max_len))
+        stats.num_sequences += len(seqs)
+        stats.num_sequence_tokens += sum(len(s) for s in seqs)
+        stats.num_over_budget += sum(len(s) > max_tokens for s in seqs)
+    unit_seqs = [[groups[g][k] for k in members] for g, members in units]
+    costs = [group_cost(seqs, shared_prefix, share_max_len) for seqs in unit_seqs]
+    bins = best_fit_decreasing(list(range(len(units))), costs, max_tokens)
+
+    was_training = model.training
+    model.eval()
+    cast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    try:
+        for unit_ids in bins:
+            flat = layout_groups([unit_seqs[u] for u in unit_ids], shared_prefix=shared_prefix,
+                                 share_max_len=share_max_len)
+            reward_index = torch.tensor([i for lasts in flat.last_index for i in lasts], dtype=torch.int64)
+            with cast:
+                rewards = model(flat.input_ids.to(device), flat.position_ids.to(device), flat.meta.to(device),
+                                reward_index.to(device))  # [S] fp32
+            values = rewards.float().cpu().tolist()  # one host sync per forward, deliberate
+            done = [(units[u][0], k) for u in unit_ids for k in units[u][1]]
+            for (g, k), value in zip(done, values, strict=True):
+                out[g][k] = value
+            stats.num_packed_tokens += flat.input_ids.numel()
+            stats.num_forwards += 1
+            if on_forward is not None:
+                on_forward(done)
+    finally:
+        model.train(was_training)
+    return out
+
+
 def pair_rewards(
     model: torch.nn.Module,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
@@ -24,23 +166,158 @@ def pair_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of every pair's chosen and rejected candidate, in input order: ([N], [N]) fp32.
 
-    Pairs are packed best-fit decreasing into micro-batches of ``max_tokens`` tokens; a pair
-    longer than that runs alone in its own micro-batch.
+    Each pair is a group of two (see ``group_rewards``); ``progress`` (a tqdm bar) advances by
+    one per pair scored.
     """
-    was_training = model.training
-    model.eval()
-    chosen = torch.empty(len(pairs))
-    rejected = torch.empty(len(pairs))
-    device = torch.device(device)
-    cast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    for mb in pack_in_order(pairs, max_tokens=max_tokens, shared_prefix=shared_prefix, share_max_len=share_max_len):
-        ids = torch.tensor(mb.pair_ids)
-        mb = mb.to(device)
-        with cast:
-            rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float().cpu()  # [2P]
-        chosen[ids] = rewards[: len(ids)]
-        rejected[ids] = rewards[len(ids) :]
+
+    def advance(done: list[tuple[int, int]]) -> None:
         if progress is not None:
-            progress.update(len(ids))
-    model.train(was_training)
-    return chosen, rejected
+            progress.update(sum(k == 1 for _, k in done))  # a pair is done with its rejected
+
+    rewards = group_rewards(model, pairs, max_tokens=max_tokens, shared_prefix=shared_prefix,
+                            share_max_len=share_max_len, device=device, autocast_dtype=autocast_dtype,
+                            on_forward=advance)
+    both = torch.tensor(rewards, dtype=torch.float32).reshape(len(pairs), 2)  # [N, 2]
+    return both[:, 0].clone(), both[:, 1].clone()
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval report
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_float64(values: Any) -> torch.Tensor:
+    return torch.as_tensor(values).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+
+
+def reward_summary(values: Any) -> dict[str, float | None]:
+    """mean, std (population, ddof 0), min, p5 ... p95 (linear interpolation), max; None when empty.
+
+    >>> reward_summary([1.0, 2.0, 3.0, 4.0])["p50"]
+    2.5
+    """
+    x = _as_float64(values)
+    keys = ["mean", "std", "min", *(f"p{q}" for q in PERCENTILES), "max"]
+    if x.numel() == 0:
+        return dict.fromkeys(keys)
+    quantiles = torch.quantile(x, torch.tensor(PERCENTILES, dtype=torch.float64) / 100).tolist()
+    numbers = [x.mean().item(), x.std(correction=0).item(), x.min().item(), *quantiles, x.max().item()]
+    return dict(zip(keys, numbers))
+
+
+def pair_report(chosen: Any, rejected: Any, **counts: int) -> dict[str, Any]:
+    """The figures of a pair evaluation, as a JSON-ready dict.
+
+    ``chosen``, ``rejected``: [N] rewards (tensors, arrays or lists). ``counts``: integers
+    copied to the report as given, by convention ``num_dropped`` (pairs that did not fit and
+    got no reward), ``num_prompt_truncated``, ``num_response_truncated``.
+
+    Scalars sit at the top level (a metrics writer can log them as they are): ``pairs``,
+    ``accuracy`` (``mean(r_c > r_r)``: a tie counts as wrong, as in training), ``ties``
+    (``r_c == r_r``), ``mean_margin``, ``ranking_loss`` (``mean -logsigmoid(r_c - r_r)``), and
+    ``reward_mean`` / ``reward_std`` over all 2N rewards (what an RL user normalises rewards
+    with). ``chosen``, ``rejected`` and ``margin`` hold ``reward_summary`` dicts. With N = 0 the
+    figures are None. ``nonfinite_rewards`` counts NaN / inf rewards (a broken model; its
+    figures are then NaN, which ``write_report`` writes as null).
+
+    >>> r = pair_report([1.0, 0.5], [0.0, 0.5], num_dropped=1)
+    >>> r["pairs"], r["accuracy"], r["ties"], r["mean_margin"], r["num_dropped"]
+    (2, 0.5, 1, 0.5, 1)
+    """
+    c, r = _as_float64(chosen), _as_float64(rejected)
+    if c.shape != r.shape:
+        raise ValueError(f"chosen has {c.numel()} rewards and rejected {r.numel()}")
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"count {key}={value!r} is not an integer")
+    n = c.numel()
+    margin = c - r
+    both = torch.cat([c, r])
+    report: dict[str, Any] = {
+        "pairs": n,
+        "nonfinite_rewards": int((~torch.isfinite(both)).sum()),  # > 0: the model is broken
+        "accuracy": (c > r).double().mean().item() if n else None,
+        "ties": int((c == r).sum()),
+        "mean_margin": margin.mean().item() if n else None,
+        "ranking_loss": -torch.nn.functional.logsigmoid(margin).mean().item() if n else None,
+        "reward_mean": both.mean().item() if n else None,
+        "reward_std": both.std(correction=0).item() if n else None,
+        **counts,
+        "chosen": reward_summary(c),
+        "rejected": reward_summary(r),
+        "margin": reward_summary(margin),
+    }
+    return report
+
+
+def _finite_or_null(value: Any) -> Any:
+    """NaN and inf become None, so that report.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _histograms(path: Path, series: list[tuple[str, torch.Tensor, str]], title: str, xlabel: str,
+                zero_line: bool = False) -> None:
+    """One PNG with the given series as overlaid histograms over shared bins (Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = torch.cat([x for _, x, _ in series])
+    lo, hi = (values.min().item(), values.max().item()) if values.numel() else (0.0, 1.0)
+    if hi <= lo:  # all equal: give the single bar some width
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = torch.linspace(lo, hi, 41).tolist()
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, x, color in series:
+        ax.hist(x.numpy(), bins=bins, alpha=0.55, label=f"{label} (n={x.numel()})", color=color)
+    if zero_line:
+        ax.axvline(0.0, color="black", linewidth=1, linestyle="--")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.legend()
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], chosen: Any = None, rejected: Any = None,
+                 *, plots: bool = True) -> dict[str, Path]:
+    """Write ``report.json`` and, with ``plots`` and the rewards, ``rewards.png`` (chosen and
+    rejected histograms overlaid) and ``margin.png`` into ``out_dir`` (created). Every file is
+    written to a temporary name and renamed. Returns name -> path of what was written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {REPORT_FILE: out / REPORT_FILE}
+    text = json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n"
+    write_atomically(written[REPORT_FILE], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    if plots and chosen is not None and rejected is not None:
+        c, r = _as_float64(chosen).float(), _as_float64(rejected).float()
+        keep = torch.isfinite(c) & torch.isfinite(r)  # a histogram cannot place NaN / inf
+        c, r = c[keep], r[keep]
+        n = report.get("pairs", c.numel())
+        _histograms(out / REWARDS_PLOT, [("chosen", c, "tab:green"), ("rejected", r, "tab:red")],
+                    f"Rewards of {n} pairs", "reward")
+        accuracy = report.get("accuracy")
+        title = f"Margin chosen - rejected (accuracy {accuracy:.3f})" if accuracy is not None else "Margin chosen - rejected"
+        _histograms(out / MARGIN_PLOT, [("margin", c - r, "tab:blue")], title, "reward margin", zero_line=True)
+        written[REWARDS_PLOT] = out / REWARDS_PLOT
+        written[MARGIN_PLOT] = out / MARGIN_PLOT
+    return written

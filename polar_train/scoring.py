@@ -1,0 +1,396 @@
+"""``polar-train score`` and ``polar-train eval``: JSONL rows -> rewards, preference pairs -> a report.
+
+Two row formats, detected per row:
+
+- client rows (POLAR's client format): ``prompt``, ``reference``, ``output``, optional
+  ``wrapper`` -> gets ``reward``;
+- pair rows: ``prompt``, ``reference``, ``chosen``, ``rejected``, optional ``wrapper`` -> gets
+  ``chosen_reward`` and ``rejected_reward``.
+
+Every input field is written back unchanged and in its order; these fields are added after
+them (an input field of the same name is overwritten where it stands):
+
+    reward | chosen_reward, rejected_reward   float, or null when the row does not fit
+    prompt_truncated     bool: the prompt lost its first tokens to fit max_length (SPEC 3 step 4)
+    response_truncated   bool: the reference or an output was cut to max_response_length (step 3)
+    skip_reason          null, or why the row got no reward (then both flags are null too)
+
+The flow: each row is encoded alone exactly as in training (SPEC 3, its own prompt budget;
+the two outputs of a pair row share one budget, as in training); the candidates of rows with
+the same prompt, reference and wrapper form one group whose common token prefix runs once;
+groups are packed best-fit decreasing into forwards of ``max_tokens`` tokens
+(``evaluate.group_rewards``). Rewards equal those of each sequence run alone.
+
+Python use::
+
+    model, tokenizer = load_scorer("runs/demo/hf")
+    rows = score_rows(model, tokenizer, [{"prompt": "What is 7 + 5?", "reference": "12", "output": "12."}])
+    rows[0]["reward"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from polar_train.data import WRAPPERS, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
+from polar_train.errors import UserError
+from polar_train.evaluate import InferenceStats, group_rewards, pair_report, write_atomically, write_report
+from polar_train.model import InternLM2RewardModel, load_model
+from polar_train.reporting import setup_logging
+from polar_train.tokenizer import load_tokenizer, special_token_ids
+
+logger = logging.getLogger("polar_train")
+
+RowKind = Literal["client", "pair"]
+OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {"client": ("output",), "pair": ("chosen", "rejected")}
+REWARD_FIELDS: dict[str, tuple[str, ...]] = {"client": ("reward",), "pair": ("chosen_reward", "rejected_reward")}
+SCORED_FILE = "scored.jsonl"  # eval's per-pair rewards, next to report.json
+_NUM_EXAMPLE_SOURCES = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One validated row: its kind, flattened texts and the untouched parsed object."""
+
+    source: str  # FILE:LINE, or "row N" for rows given in Python
+    kind: RowKind
+    prompt: str
+    reference: str
+    outputs: tuple[str, ...]  # (output,) or (chosen, rejected)
+    wrapper: str
+    raw: Mapping[str, Any]
+
+
+def row_kind(obj: Mapping[str, Any], source: str) -> RowKind:
+    """``"client"`` for a row with ``output``, ``"pair"`` for one with ``chosen`` and ``rejected``."""
+    has_output, has_chosen, has_rejected = "output" in obj, "chosen" in obj, "rejected" in obj
+    if has_output and (has_chosen or has_rejected):
+        raise UserError(source, "the row has 'output' (a client row) and 'chosen'/'rejected' (a pair row)",
+                        "keep one format per row")
+    if has_output:
+        return "client"
+    if has_chosen and has_rejected:
+        return "pair"
+    half = " (it has 'chosen' but no 'rejected')" if has_chosen else " (it has 'rejected' but no 'chosen')" if has_rejected else ""
+    raise UserError(source, "the row is neither a client row (prompt, reference, output) nor a pair row "
+                    f"(prompt, reference, chosen, rejected){half}", "add the missing field or remove the row")
+
+
+def _text(obj: Mapping[str, Any], name: str, source: str) -> str:
+    if name not in obj:
+        raise UserError(source, f"field '{name}' is missing; expected a string or a list of messages", "fix or remove this row")
+    try:
+        return flatten_text(obj[name], name)
+    except ValueError as error:
+        raise UserError(source, str(error), "fix or remove this row") from None
+
+
+def to_item(row: JsonRow | Mapping[str, Any], source: str = "row") -> ScoreItem:
+    """Validate one row (a ``JsonRow`` from ``read_jsonl_rows`` or a plain dict) -> ``ScoreItem``."""
+    if isinstance(row, JsonRow):
+        obj, source, wrapper = row.raw, row.source, row.wrapper
+    elif isinstance(row, Mapping):
+        obj = row
+        wrapper = obj.get("wrapper")
+        if wrapper is None:
+            wrapper = "sft"
+        elif wrapper not in WRAPPERS:
+            raise UserError(source, f"field 'wrapper' is {wrapper!r}", f"expected one of {', '.join(WRAPPERS)}")
+    else:
+        raise UserError(source, f"the row is a {type(row).__name__}", "expected a dict with prompt, reference and outputs")
+    kind = row_kind(obj, source)
+    return ScoreItem(
+        source=source, kind=kind, prompt=_text(obj, "prompt", source), reference=_text(obj, "reference", source),
+        outputs=tuple(_text(obj, name, source) for name in OUTPUT_FIELDS[kind]), wrapper=wrapper, raw=obj,
+    )
+
+
+def read_rows(path: str | os.PathLike[str], expect: RowKind | None = None) -> list[ScoreItem]:
+    """Read and validate a JSONL file of client and/or pair rows; ``expect`` allows only one kind."""
+    try:
+        rows, _ = read_jsonl_rows(path, ("prompt", "reference"), on_error="raise")
+    except UserError as error:  # same message; the hint about the training config made fit for the CLI
+        fix = error.fix
+        if "data.on_error" in fix:
+            fix = "fix or remove this line"
+        elif "data.train_files" in fix:
+            fix = "check the --data path"
+        raise UserError(error.where, error.what, fix) from None
+    items = [to_item(row) for row in rows]
+    for item in items:
+        if expect is not None and item.kind != expect:
+            fields = "prompt, reference, " + ", ".join(OUTPUT_FIELDS[expect])
+            raise UserError(item.source, f"a {item.kind} row where {expect} rows are expected", f"every row needs {fields}")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreStats:
+    """What happened to the rows of one ``score_rows`` call."""
+
+    num_rows: int = 0
+    num_client_rows: int = 0
+    num_pair_rows: int = 0
+    num_scored: int = 0  # rows that got rewards
+    num_unfit: int = 0  # rows that do not fit max_length: null rewards and a skip_reason
+    unfit_sources: list[str] = field(default_factory=list)  # the first few
+    num_prompt_truncated: int = 0  # scored rows whose prompt lost its first tokens
+    num_response_truncated: int = 0  # scored rows whose reference or an output was cut
+    inference: InferenceStats = field(default_factory=InferenceStats)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """One log line."""
+        inf = self.inference
+        saved = 1 - inf.num_packed_tokens / inf.num_sequence_tokens if inf.num_sequence_tokens else 0.0
+        rate = self.num_rows / self.seconds if self.seconds else 0.0
+        return (f"scored {self.num_scored} of {self.num_rows} rows ({self.num_client_rows} client, "
+                f"{self.num_pair_rows} pair) in {self.seconds:.1f} s ({rate:.1f} rows/s); {self.num_unfit} do not "
+                f"fit (null reward); truncated: {self.num_prompt_truncated} prompts, {self.num_response_truncated} "
+                f"responses; {inf.num_sequences} sequences, {inf.num_packed_tokens} tokens in {inf.num_forwards} "
+                f"forwards (shared prefixes saved {saved:.0%}); {inf.num_over_budget} sequences over max_tokens ran alone")
+
+
+def _unfit_reason(tokenizer: PreTrainedTokenizerBase, item: ScoreItem, max_length: int, max_response_length: int) -> str:
+    lengths = [min(len(tokenizer.encode(t, add_special_tokens=True)), max_response_length)
+               for t in (item.reference, *item.outputs)]
+    parts = " + ".join(f"{name} {n}" for name, n in zip(("reference", *OUTPUT_FIELDS[item.kind]), lengths))
+    return (f"does not fit max_length={max_length}: {parts} tokens (each at most max_response_length="
+            f"{max_response_length}) leave no room for the prompt")
+
+
+def score_rows(
+    model: InternLM2RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Iterable[JsonRow | ScoreItem | Mapping[str, Any]],
+    *,
+    max_length: int = 16384,
+    max_response_length: int = 4096,
+    max_tokens: int = 16384,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    stats: ScoreStats | None = None,
+) -> list[dict[str, Any]]:
+    """Score client rows and pair rows; returns new dicts in input order (see the module doc).
+
+    ``rows``: dicts (validated here; errors name ``row N``, counted from 1), ``JsonRow`` or
+    ``ScoreItem``. ``device`` defaults to the model's; ``autocast_dtype`` runs the forwards
+    under autocast (a trainer's fp32 weights in bf16). ``progress`` shows a tqdm bar in rows/s.
+    ``stats``, when given, is filled in.
+    """
+    if max_length <= 4 or max_response_length < 1 or max_tokens < 1:
+        raise ValueError(f"need max_length > 4, max_response_length >= 1, max_tokens >= 1; got {max_length}, "
+                         f"{max_response_length}, {max_tokens}")
+    start = time.perf_counter()
+    stats = stats if stats is not None else ScoreStats()
+    items = [row if isinstance(row, ScoreItem) else to_item(row, f"row {i}") for i, row in enumerate(rows, start=1)]
+    config = getattr(model, "config", None)
+    sep_id, reward_id = special_token_ids(tokenizer, getattr(config, "reward_token_id", None))
+    # Dynamic RoPE gives a sequence longer than max_position_embeddings its own base: no sharing then.
+    share_max_len = config.max_position_embeddings if getattr(config, "rope_type", None) == "dynamic" else None
+
+    out = [dict(item.raw) for item in items]
+    groups: list[list[list[int]]] = []  # group -> its sequences' ids
+    members: list[list[tuple[int, int]]] = []  # group -> (row, output slot) of each sequence
+    group_of: dict[tuple[str, str, str], int] = {}
+    for r, item in enumerate(items):
+        stats.num_rows += 1
+        stats.num_client_rows += item.kind == "client"
+        stats.num_pair_rows += item.kind == "pair"
+        encoded = encode_candidates(tokenizer, item.prompt, item.reference, item.outputs, item.wrapper,
+                                    max_length=max_length, max_response_length=max_response_length,
+                                    sep_id=sep_id, reward_id=reward_id)
+        row = out[r]
+        for name in REWARD_FIELDS[item.kind]:
+            row[name] = None
+        if encoded is None:
+            row.update(prompt_truncated=None, response_truncated=None,
+                       skip_reason=_unfit_reason(tokenizer, item, max_length, max_response_length))
+            stats.num_unfit += 1
+            if len(stats.unfit_sources) < _NUM_EXAMPLE_SOURCES:
+                stats.unfit_sources.append(item.source)
+            continue
+        row.update(prompt_truncated=encoded.prompt_truncated, response_truncated=encoded.response_truncated,
+                   skip_reason=None)
+        stats.num_scored += 1
+        stats.num_prompt_truncated += encoded.prompt_truncated
+        stats.num_response_truncated += encoded.response_truncated
+        g = group_of.setdefault((item.prompt, item.reference, item.wrapper), len(groups))
+        if g == len(groups):
+            groups.append([])
+            members.append([])
+        for slot, ids in enumerate(encoded.input_ids):
+            groups[g].append(ids)
+            members[g].append((r, slot))
+
+    bar = tqdm(total=len(items), desc="score", unit="row", disable=not progress, dynamic_ncols=True)
+    bar.update(stats.num_unfit)
+    remaining = [len(item.outputs) for item in items]
+
+    def advance(done: list[tuple[int, int]]) -> None:
+        finished = 0
+        for g, k in done:
+            r = members[g][k][0]
+            remaining[r] -= 1
+            finished += remaining[r] == 0
+        bar.update(finished)
+
+    try:
+        rewards = group_rewards(model, groups, max_tokens=max_tokens, share_max_len=share_max_len, device=device,
+                                autocast_dtype=autocast_dtype, on_forward=advance, stats=stats.inference)
+    finally:
+        bar.close()
+    for g, values in enumerate(rewards):
+        for (r, slot), value in zip(members[g], values, strict=True):
+            out[r][REWARD_FIELDS[items[r].kind][slot]] = value
+    stats.seconds += time.perf_counter() - start
+    if stats.num_unfit:
+        logger.warning("score: %d rows do not fit max_length=%d and got a null reward (first: %s)",
+                       stats.num_unfit, max_length, ", ".join(stats.unfit_sources))
+    return out
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """One JSON object per line (UTF-8, non-ASCII kept), written to a temporary name and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return path
+
+
+def score_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, data: str | os.PathLike[str],
+               output: str | os.PathLike[str], *, progress: bool = True, **options: Any) -> ScoreStats:
+    """Score the rows of ``data`` into ``output`` (see ``score_rows`` for ``options``); logs the counts."""
+    items = read_rows(data)
+    stats = ScoreStats()
+    scored = score_rows(model, tokenizer, items, progress=progress, stats=stats, **options)
+    write_jsonl(scored, output)
+    logger.info("score: %s", stats.summary())
+    logger.info("score: wrote %s", output)
+    return stats
+
+
+def eval_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, data: str | os.PathLike[str],
+              out_dir: str | os.PathLike[str], *, plots: bool = True, progress: bool = True,
+              settings: Mapping[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+    """Evaluate the pair rows of ``data``: ``report.json``, ``rewards.png``, ``margin.png`` and the
+    per-pair rewards ``scored.jsonl`` in ``out_dir``. Returns the report (``pair_report``, plus
+    ``settings``: the data file and the options, with ``settings`` given here on top)."""
+    items = read_rows(data, expect="pair")
+    stats = ScoreStats()
+    scored = score_rows(model, tokenizer, items, progress=progress, stats=stats, **options)
+    kept = [row for row in scored if row["skip_reason"] is None]
+    if not kept:
+        raise UserError(data, f"no pair fits max_length ({stats.num_unfit} rows do not fit)", "raise --max-length")
+    chosen = torch.tensor([row["chosen_reward"] for row in kept], dtype=torch.float64)
+    rejected = torch.tensor([row["rejected_reward"] for row in kept], dtype=torch.float64)
+    report = pair_report(chosen, rejected, num_dropped=stats.num_unfit,
+                         num_prompt_truncated=stats.num_prompt_truncated,
+                         num_response_truncated=stats.num_response_truncated)
+    report["settings"] = {"data": str(data), **{k: v for k, v in options.items() if isinstance(v, (int, float, str))},
+                          **(settings or {})}
+    write_jsonl(scored, Path(out_dir) / SCORED_FILE)
+    written = write_report(report, out_dir, chosen, rejected, plots=plots)
+    logger.info("eval: %s", stats.summary())
+    logger.info("eval: %d pairs, accuracy %.4f, mean margin %.4f, reward mean %.4f std %.4f -> %s",
+                report["pairs"], report["accuracy"], report["mean_margin"], report["reward_mean"],
+                report["reward_std"], ", ".join(str(p) for p in written.values()))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and the two commands
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA if there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError("--device", f"cannot use {name!r}", "expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device", f"{name} asked for, but this machine has no usable CUDA device", "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError("--device", f"{name} asked for, but there are {torch.cuda.device_count()} CUDA devices",
+                            f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bfloat16 on a CUDA device that supports it, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise UserError("--dtype", f"unknown dtype {name!r}", "expected auto, float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def load_scorer(model_dir: str | os.PathLike[str], *, device: str = "auto", dtype: str = "auto",
+                attention: str = "auto") -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
+    """The reward model (weights in ``dtype``, on ``device``) and the tokenizer of a checkpoint folder."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model = load_model(model_dir, attention=attention, dtype=torch_dtype, device=torch_device)
+    tokenizer = load_tokenizer(model_dir)
+    special_token_ids(tokenizer, model.config.reward_token_id)  # fail early on a mismatched tokenizer
+    logger.info("model %s on %s in %s, attention %s", model_dir, torch_device, str(torch_dtype).removeprefix("torch."),
+                model.attention)
+    return model, tokenizer
+
+
+def _options(args: argparse.Namespace) -> dict[str, int]:
+    for flag, value, least in (("--max-length", args.max_length, 5), ("--max-response-length", args.max_response_length, 1),
+                               ("--max-tokens", args.max_tokens, 1)):
+        if value < least:
+            raise UserError(flag, f"is {value}", f"expected at least {least}")
+    return {"max_length": args.max_length, "max_response_length": args.max_response_length, "max_tokens": args.max_tokens}
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``polar-train score --model DIR --data IN.jsonl --output OUT.jsonl``."""
+    setup_logging()
+    options = _options(args)
+    model, tokenizer = load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    score_file(model, tokenizer, args.data, args.output, **options)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``polar-train eval --model DIR --data pairs.jsonl --output-dir D``."""
+    setup_logging()
+    options = _options(args)
+    model, tokenizer = load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    settings = {"model": str(args.model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "device": str(next(model.parameters()).device), "attention": model.attention}
+    eval_file(model, tokenizer, args.data, args.output_dir, settings=settings, **options)
+    return 0
