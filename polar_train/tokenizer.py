@@ -173,7 +173,11 @@ def build_tokenizer(
     if vocab_size < len(specials) + len(alphabet):
         raise ValueError(f"vocab_size {vocab_size} is below the {len(specials) + len(alphabet)} specials and byte symbols")
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Spaces are tokens of their own, so a word has one id whether a space precedes it or not:
+    # the demo's reference "37" and candidate "It is 37." then share the id of "37".
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False

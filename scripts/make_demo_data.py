@@ -13,9 +13,10 @@ system message), references and candidates as strings or assistant messages, ~10
 No empty references (a pair with nothing to compare with cannot be judged).
 
 Held out: every question (its exact text) is either a train or an eval question, never both.
-Sequences are 25 tokens on average (max ~50) with the 600-token tokenizer. Measured: the
-InternLM2 reward model with 2 layers, hidden 64, trained 60 s on one CPU thread (AdamW 1e-3,
-32 pairs per step) reaches ~0.88 eval accuracy (0.99 train).
+Sequences are 35 tokens on average (max ~60) with the 600-token tokenizer (spaces are tokens of
+their own). Measured with configs/demo.yaml (2 layers, hidden 96, 8 heads, AdamW 1e-3, 32 pairs
+per step, 8 epochs = 1000 steps, ~1 min on 2 CPU cores): held-out accuracy 0.50 at step 0,
+0.93-0.95 from step 600 on.
 
     python scripts/make_demo_data.py                       # the shipped files (seed 0)
     python scripts/make_demo_data.py --num-train 500 --out-dir /tmp/demo
@@ -94,8 +95,12 @@ def question_pools() -> dict[str, list[Question]]:
     }
 
 
-KIND_WEIGHTS = {"add": 0.2, "sub": 0.15, "mul": 0.1, "capital": 0.1, "opposite": 0.05, "next_letter": 0.05,
-                "pick_number": 0.2, "name_thing": 0.15}
+# Mostly open questions: their right answer is drawn per row, so no answer can be memorised and
+# the one rule that generalises is "agree with the reference". Questions with a fixed answer
+# (arithmetic, facts) are a minority: a tiny model would otherwise learn their answers by
+# heart (train accuracy 1.0, held-out 0.73 with the facts at 55% of the rows).
+KIND_WEIGHTS = {"add": 0.05, "sub": 0.05, "mul": 0.03, "capital": 0.03, "opposite": 0.02, "next_letter": 0.02,
+                "pick_number": 0.45, "name_thing": 0.35}
 
 
 def split_pools(pools: dict[str, list[Question]], rng: random.Random) -> tuple[dict[str, list[Question]], dict[str, list[Question]]]:
@@ -175,7 +180,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-train", type=int, default=2000, help="training pairs")
+    parser.add_argument("--num-train", type=int, default=4000, help="training pairs")
     parser.add_argument("--num-eval", type=int, default=200, help="held-out evaluation pairs")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent.parent / "data", help="output folder")

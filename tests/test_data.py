@@ -406,6 +406,6 @@ def test_demo_data_is_valid_short_and_held_out(repo_root: Path, demo_tokenizer: 
         assert all(r.reference and r.chosen != r.rejected for r in records)
         assert {r.wrapper for r in records} == {"sft", "pretrain"}
         lengths = [len(ids) for r in records for ids in encode_pair(demo_tokenizer, r, sep_id=sep_id, reward_id=reward_id)]
-        assert max(lengths) <= 64 and sum(lengths) / len(lengths) < 32
-        assert len(records) == {"train": 2000, "eval": 200}[split]
+        assert max(lengths) <= 64 and sum(lengths) / len(lengths) < 40
+        assert len(records) == {"train": 4000, "eval": 200}[split]
     assert not questions["train"] & questions["eval"]

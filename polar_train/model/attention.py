@@ -124,6 +124,7 @@ def plan_attention(meta: VarlenMeta, backend: str, num_tokens: int) -> Attention
         meta.key_index, torch.arange(num_tokens, device=meta.key_index.device))
     plan = AttentionPlan(backend, meta, gather_keys=not identity)
     device = meta.key_index.device
+    mask_cache: dict[tuple[int, int], torch.Tensor] = {}
     for s in range(len(cu_q) - 1):
         lq, lk = cu_q[s + 1] - cu_q[s], cu_k[s + 1] - cu_k[s]
         assert lq <= lk, f"sequence {s} has more queries ({lq}) than keys ({lk})"
@@ -131,8 +132,12 @@ def plan_attention(meta: VarlenMeta, backend: str, num_tokens: int) -> Attention
             continue
         plan.spans.append((cu_q[s], cu_q[s + 1], cu_k[s], cu_k[s + 1]))
         # query i sees key j iff j <= i + (lk - lq): a lower triangle shifted right
-        plan.masks.append(None if lq == lk else
-                          torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq))
+        if lq == lk:
+            plan.masks.append(None)
+            continue
+        if (lq, lk) not in mask_cache:  # the rejected suffixes of a batch often share a shape
+            mask_cache[(lq, lk)] = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+        plan.masks.append(mask_cache[(lq, lk)])
     return plan
 
 
