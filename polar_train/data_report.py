@@ -15,6 +15,7 @@ from polar_train.data import load_pair_dataset
 from polar_train.model.internlm2 import ModelConfig
 from polar_train.packing import StepPlanner, pair_cost
 from polar_train.reporting import setup_logging
+from polar_train.rundir import preflight
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")
@@ -53,6 +54,7 @@ def packing_stats(
 
 def data_report(cfg: Config) -> dict[str, Any]:
     setup_logging()
+    preflight(cfg)
     tok_path = cfg.model.path or cfg.model.fresh.tokenizer
     tokenizer = load_tokenizer(tok_path)
     share_max_len = None

@@ -16,6 +16,8 @@ tokenizer works (the real 92k-token InternLM2 one, the tiny ones used by the dem
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import logging
 import os
@@ -65,13 +67,15 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
             "from the base checkpoint into it",
         )
     try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        with _quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as plain_error:  # transformers raises ValueError, OSError, ImportError, ...
         remote_files = sorted(folder.glob(REMOTE_TOKENIZER_GLOB))
         if not remote_files:
             raise UserError(where, f"could not load the tokenizer: {plain_error}", "check the tokenizer files in this folder") from plain_error
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
         except Exception as remote_error:
             raise UserError(
                 where,
@@ -81,6 +85,21 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
             ) from remote_error
         logger.info("tokenizer: loaded %s with its own code (%s)", type(tokenizer).__name__, remote_files[0].name)
         return tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """AutoTokenizer reads a checkpoint's config.json and warns that transformers has no
+    ``internlm2`` model type and no ``rope_scaling`` attribute: true, and irrelevant to a
+    tokenizer (our model reads config.json itself). Errors still surface."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
