@@ -47,6 +47,7 @@ from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate (SPEC 4; 1.8B as believed there)
     "tiny": (128, 4, 4, 2, 352),
+    "cpu": (256, 4, 4, 2, 704),
     "small": (512, 8, 8, 4, 1408),
     "polar-1.8b": (2048, 24, 16, 8, 8192),
     "polar-7b": (4096, 32, 32, 8, 14336),
