@@ -126,6 +126,7 @@ def layout_groups(
         max_seqlen_q=int((cu_q_t[1:] - cu_q_t[:-1]).max()) if len(cu_q) > 1 else 0,
         max_seqlen_k=int((cu_k_t[1:] - cu_k_t[:-1]).max()) if len(cu_k) > 1 else 0,
         seq_len_per_token=torch.tensor(seq_len, dtype=torch.int64),
+        keys_are_queries=len(keys) == len(ids),  # every sequence's keys are its own queries
     )
     return FlatLayout(
         torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64), meta, last_index

@@ -37,6 +37,7 @@ def test_shared_layout_matches_the_module_diagram():
     assert mb.chosen_index.tolist() == [5, 10] and mb.rejected_index.tolist() == [7, 13]
     assert mb.meta.seq_len_per_token.tolist() == [6] * 6 + [6] * 2 + [3] * 3 + [3] * 3
     assert (mb.meta.max_seqlen_q, mb.meta.max_seqlen_k) == (6, 6)
+    assert not mb.meta.keys_are_queries
 
 
 def test_plain_layout_restarts_positions_per_sequence():
@@ -45,6 +46,7 @@ def test_plain_layout_restarts_positions_per_sequence():
     assert mb.input_ids.tolist() == [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 6, 9, 7, 8, 9, 5, 6, 9]
     assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2] * 2
     assert mb.meta.key_index.tolist() == list(range(18))
+    assert mb.meta.keys_are_queries  # the CUDA backends skip the key gather
     assert mb.chosen_index.tolist() == [5, 14] and mb.rejected_index.tolist() == [11, 17]
 
 

@@ -116,7 +116,7 @@ def plan_attention(meta: VarlenMeta, backend: str, num_tokens: int) -> Attention
     deliberate device sync per forward (none for the CUDA varlen backends)."""
     assert backend in BACKENDS, f"unresolved attention backend {backend!r} (call resolve_attention)"
     if backend != "sdpa":
-        return AttentionPlan(backend, meta)
+        return AttentionPlan(backend, meta, gather_keys=not meta.keys_are_queries)
     cu_q = meta.cu_seqlens_q.tolist()  # host sync, once per forward
     cu_k = meta.cu_seqlens_k.tolist()
     assert cu_q[0] == 0 and cu_q[-1] == num_tokens, "query spans must tile the flat axis"

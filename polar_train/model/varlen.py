@@ -33,6 +33,9 @@ class VarlenMeta:
     # dynamic RoPE scaling reads it: it changes the base for sequences longer than
     # max_position_embeddings (SPEC section 4).
     seq_len_per_token: torch.Tensor
+    # True when key_index is the identity (no shared prefix anywhere): the CUDA backends then
+    # skip the key gather, which they could not otherwise know without a device sync.
+    keys_are_queries: bool = False
 
     @property
     def num_sequences(self) -> int:
@@ -46,6 +49,7 @@ class VarlenMeta:
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_k=self.max_seqlen_k,
             seq_len_per_token=self.seq_len_per_token.to(device),
+            keys_are_queries=self.keys_are_queries,
         )
 
     @classmethod
@@ -70,4 +74,5 @@ class VarlenMeta:
             max_seqlen_q=max(lengths),
             max_seqlen_k=max(lengths),
             seq_len_per_token=seq_len,
+            keys_are_queries=True,
         )
