@@ -79,11 +79,11 @@ class TrainSection:
     log_steps: int = 1  # write a train metrics line every N steps
     save_steps: int = 0  # checkpoint every N steps; 0 = only the final export
     save_total_limit: int = 2  # checkpoints kept under output_dir/checkpoints
-    resume: str = "auto"  # auto | never | path to a checkpoint folder
+    resume: str = "auto"  # auto (latest complete checkpoint of output_dir) | never | a step-N folder or run dir
     loss: str = "ranking"  # ranking (Bradley-Terry) | focal
     penalty: str = "none"  # none | log_barrier | L2 (on the rewards)
     penalty_weight: float = 0.01  # weight of the penalty when enabled
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (dynamic loss scale) | fp32
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     export_dtype: str = "auto"  # dtype of the final HF export: auto (= base) | float32 | bfloat16 | float16
 
@@ -91,9 +91,10 @@ class TrainSection:
 @dataclass
 class DeepSpeedSection:
     enabled: bool = False  # use DeepSpeed (required for more than one process)
-    zero_stage: int = 2  # 0, 2 or 3
-    offload_optimizer: bool = False  # optimizer states in CPU memory
+    zero_stage: int = 2  # 0 (replicated), 1, 2 (optimizer + gradients sharded) or 3 (parameters too)
+    offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam; ZeRO >= 1)
     offload_params: bool = False  # parameters in CPU memory (ZeRO-3)
+    timeout_minutes: float = 30.0  # process-group timeout: a rank stuck this long in a collective fails
 
 
 @dataclass
@@ -234,7 +235,7 @@ _CHOICES = {
     "data.on_error": ("raise", "skip"),
     "train.loss": ("ranking", "focal"),
     "train.penalty": ("none", "log_barrier", "L2"),
-    "train.precision": ("auto", "bf16", "fp32"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "train.export_dtype": ("auto", "float32", "bfloat16", "float16"),
 }
 
@@ -271,6 +272,12 @@ def _check_values(cfg: Config) -> list[str]:
         problems.append(f"train.betas: expected two numbers, got {cfg.train.betas}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         problems.append(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} is not one of 0, 1, 2, 3")
+    if cfg.deepspeed.offload_params and cfg.deepspeed.zero_stage != 3:
+        problems.append("deepspeed.offload_params: parameter offload needs deepspeed.zero_stage=3")
+    if cfg.deepspeed.offload_optimizer and cfg.deepspeed.zero_stage == 0:
+        problems.append("deepspeed.offload_optimizer: optimizer offload needs deepspeed.zero_stage 1, 2 or 3")
+    if cfg.deepspeed.timeout_minutes <= 0:
+        problems.append(f"deepspeed.timeout_minutes: must be > 0, got {cfg.deepspeed.timeout_minutes}")
     if not cfg.data.train_files:
         problems.append("data.train_files: no training file given (set data.train_files=FILE.jsonl)")
     if not cfg.model.path and not cfg.model.fresh.tokenizer:

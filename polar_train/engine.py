@@ -1,18 +1,50 @@
-"""The optimisation engine: optimizer, LR schedule, clipping, and (later) process groups.
+"""The optimisation engine: process groups, optimizer, LR schedule, precision, clipping.
 
-``TorchEngine`` runs one process with plain PyTorch. Everything the training loop needs from
-an engine is the small interface below, so a distributed engine plugs in without touching
-the loop: ``model``, ``device``, ``rank``, ``world_size``, ``backward(loss)``, ``step()``,
-``lr``, ``all_reduce_sum(tensor)``.
+Two engines, one interface (all the training loop uses)::
+
+    engine.model(input_ids, position_ids, meta, reward_index) -> rewards [2P]
+    engine.rank, engine.world_size, engine.device, engine.autocast()
+    engine.backward(loss, last)   loss = this rank's summed pair losses / the step's GLOBAL pairs;
+                                  last = the step's last micro-batch
+    engine.step() -> StepResult   clip, update (or skip a non-finite one), advance the schedule
+    engine.lr, engine.all_reduce_sum(t)
+    engine.save_state(folder), engine.load_state(folder)   (checkpoint.py adds the rest)
+    engine.full_state_dict()      fp32 master weights on rank 0 (a collective)
+    engine.kind, engine.zero_stage, engine.precision, engine.attention   (logs, checkpoint metadata)
+
+``TorchEngine``: one process, plain PyTorch (the demo: no DeepSpeed import, no op compile).
+``DeepSpeedEngine``: DeepSpeed ZeRO 0/2/3 over NCCL (GPUs) or gloo (CPU), one process per device,
+launched by ``torchrun`` (or alone). ``deepspeed`` is imported here and in checkpoint.py only,
+lazily, so model/data/packing code runs without it.
+
+Gradient scaling under DeepSpeed: the loop's loss is already a mean over ALL pairs of the step
+(SPEC 5): each rank back-propagates ``sum(its pair losses) / global_pairs``, so the SUM of the
+ranks' gradients is the step's gradient. DeepSpeed AVERAGES gradients over data-parallel ranks
+(divides the sum by the world size), so ``backward`` multiplies the loss by the world size
+first; its gradient-accumulation division is off (``gradient_accumulation_steps: 1``,
+``scale_wrt_gas=False``) and the accumulation boundary is set per micro-batch by the loop
+(steps have different micro-batch counts, equal on every rank).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from polar_train.config import TrainSection
+from polar_train.config import Config, DeepSpeedSection, TrainSection
+from polar_train.errors import TrainingError, UserError
+
+log = logging.getLogger("polar_train")
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
@@ -31,47 +63,387 @@ def lr_lambda(total_steps: int, warmup_ratio: float, min_lr_ratio: float):
     return factor
 
 
-class TorchEngine:
-    """One process, plain PyTorch AdamW; the model's parameters stay fp32 (autocast does bf16)."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``fp32`` | ``bf16`` | ``fp16``. ``auto`` = bf16 on a GPU that supports it, else fp32."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if bf16_ok else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not bf16_ok:
+        raise UserError("train.precision", f"bf16 is not supported on {torch.cuda.get_device_name(device)}",
+                        "use train.precision=fp16 (loss scaling) or fp32")
+    return precision  # bf16 / fp16 on a CPU: autocast runs them, slowly
 
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # global gradient norm before clipping (inf / nan when non-finite)
+    applied: bool  # False: the update was skipped (non-finite gradients, or an fp16 overflow)
+    loss_scale: float  # fp16 dynamic loss scale in use; 1.0 for bf16 / fp32
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """Where this process stands: rank, world size, device. ``world_size == 1`` has no group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    uses_deepspeed: bool = False
+
+    def barrier(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if torch.distributed.is_initialized() and self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any (one small all-reduce)."""
+        return bool(self.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item())
+
+    @contextlib.contextmanager
+    def rank_zero_first(self, what: str) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. fills a cache), then the others; an error on rank 0
+        stops the others too instead of leaving them waiting."""
+        if self.world_size == 1:
+            yield
+            return
+        if self.rank != 0:
+            if self.any_rank(False):
+                raise TrainingError(f"rank {self.rank}", f"rank 0 failed while {what}", "see rank 0's error above")
+            yield
+            return
+        try:
+            yield
+        except BaseException:
+            self.any_rank(True)
+            raise
+        self.any_rank(False)
+
+
+@contextlib.contextmanager
+def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
+    """The process group for this run (none for one process without DeepSpeed).
+
+    On a clean exit every rank meets at a barrier and the group is destroyed: without it 15-20%
+    of gloo runs abort at interpreter teardown (SPEC 8). On an error the group is destroyed
+    without a barrier (the other ranks may be gone); a lost peer becomes a ``TrainingError``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if not ds.enabled:
+        if world > 1:
+            raise UserError("deepspeed.enabled", f"{world} processes were launched but DeepSpeed is off",
+                            "set deepspeed.enabled=true: several processes train through DeepSpeed only")
+        yield Dist(device=torch.device("cuda") if cuda else torch.device("cpu"))
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "RANK" not in os.environ:  # `polar-train train` alone: a world of one on a free local port
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed = import_deepspeed()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False,
+                               timeout=timedelta(minutes=ds.timeout_minutes))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    dist = Dist(rank, world, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), True)
+    try:
+        yield dist
+    except (torch.distributed.DistBackendError, RuntimeError) as e:
+        torch.distributed.destroy_process_group()
+        if isinstance(e, torch.distributed.DistBackendError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
+            raise TrainingError(f"rank {rank}", f"lost contact with another rank ({str(e).splitlines()[0]})",
+                                "another process died or hung: see its error; resume with train.resume=auto") from e
+        raise
+    except BaseException:
+        torch.distributed.destroy_process_group()
+        raise
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def import_deepspeed():
+    """``import deepspeed`` with its accelerator named (no auto-detect warning) and its logs quiet."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed functions that newer torch deprecates, once per collective
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    return deepspeed
+
+
+def build_engine(cfg: Config, dist: Dist, source, total_steps: int, *, load_weights: bool = True):
+    """``TorchEngine`` for one process without DeepSpeed, else ``DeepSpeedEngine``.
+
+    ``source`` is a ``checkpoint.ModelSource`` (config + where the weights come from);
+    ``load_weights=False`` when a checkpoint will overwrite them (resume).
+    """
+    precision = resolve_precision(cfg.train.precision, dist.device)
+    if not dist.uses_deepspeed:  # fp32 parameters; autocast computes in the precision's dtype
+        model = source.build(cfg.model, dist.device, torch.float32, DTYPES[precision], load_weights=load_weights)
+        return TorchEngine(model, cfg.train, total_steps, dist.device, precision)
+    return DeepSpeedEngine(cfg, dist, source, total_steps, precision, load_weights=load_weights)
+
+
+def build_optimizer(params, train: TrainSection, *, cpu_adam: bool = False) -> torch.optim.Optimizer:
+    """AdamW with the recipe's betas. ``foreach=False``: one fixed arithmetic order, so exact resume
+    and cross-engine comparisons hold (ZeRO flattens parameters: no speed lost there)."""
+    kwargs = dict(lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=1e-8)
+    if cpu_adam:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiles once)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(params, foreach=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One process, plain PyTorch
+# ---------------------------------------------------------------------------------------------
+
+
+class TorchEngine:
+    """One process, plain PyTorch AdamW; parameters stay fp32, autocast runs bf16 / fp16 (with a
+    dynamic loss scale for fp16)."""
+
+    kind = "torch"
+    zero_stage = None
     rank = 0
     world_size = 1
 
-    def __init__(self, model: torch.nn.Module, train: TrainSection, total_steps: int, device: torch.device):
+    def __init__(self, model: torch.nn.Module, train: TrainSection, total_steps: int, device: torch.device,
+                 precision: str = "fp32"):
         self.model = model.to(device)
+        self.attention = model.attention
         self.device = device
+        self.precision = precision
         self.grad_clip = train.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
-        # foreach=False: the fused multi-tensor path reorders additions, and exact resume /
-        # cross-engine comparisons want one fixed arithmetic order.
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=1e-8, foreach=False
-        )
+        self.optimizer = build_optimizer(self.params, train)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total_steps, train.warmup_ratio, train.min_lr_ratio)
         )
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return self.scheduler.get_last_lr()[0]
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> tuple[torch.Tensor, bool]:
-        """Clip, step, advance the schedule. Returns (grad norm before clipping, applied).
-
-        A non-finite gradient norm skips the update (the schedule still advances, so the LR
-        stays tied to the step index). One host sync, deliberate: deciding to skip needs it.
-        """
+    def step(self) -> StepResult:
+        """Clip, step, advance the schedule. A non-finite gradient norm skips the update (the
+        schedule still advances, so the LR stays tied to the step index). One host sync,
+        deliberate: deciding to skip needs it."""
+        scale = 1.0
+        if self.scaler:
+            scale = float(self.scaler.get_scale())
+            self.scaler.unscale_(self.optimizer)
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        applied = bool(torch.isfinite(norm).item())
-        if applied:
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        applied = math.isfinite(norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skips by itself when unscale_ found inf / nan
+            self.scaler.update()
+        elif applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm.detach(), applied
+        return StepResult(norm, applied, scale)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
+
+    def save_state(self, folder: Path) -> None:
+        torch.save(self.model.state_dict(), folder / "model.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None}, folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        self.model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device, weights_only=True))
+        state = torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        load_scheduler(self.scheduler, state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+
+def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Restore a schedule and put its LR back into the optimizer (``load_state_dict`` alone does not)."""
+    scheduler.load_state_dict(state)
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO
+# ---------------------------------------------------------------------------------------------
+
+
+def deepspeed_config(train: TrainSection, ds: DeepSpeedSection, world_size: int, precision: str) -> dict:
+    """The DeepSpeed config dict. The loop packs its own micro-batches, so DeepSpeed's batch sizes
+    are placeholders (1 per rank, no accumulation); boundaries are set per micro-batch."""
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW
+        "bf16": {"enabled": precision == "bf16"},
+        # dynamic loss scale: start at 2^16, halve on overflow (the step is skipped), double after
+        # 1000 clean steps (Micikevicius et al. 2018, "Mixed Precision Training")
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0/2/3 over every process of the group.
+
+    Under ZeRO-3 the model is built inside ``deepspeed.zero.Init`` (each parameter partitioned as
+    soon as its module exists) and the base weights are loaded one tensor at a time with
+    ``GatheredParameters(modifier_rank=0)``: rank 0 reads the tensor and DeepSpeed scatters it,
+    so no rank ever holds the whole model.
+    """
+
+    kind = "deepspeed"
+
+    def __init__(self, cfg: Config, dist: Dist, source, total_steps: int, precision: str, *, load_weights: bool):
+        deepspeed = import_deepspeed()
+        ds = cfg.deepspeed
+        self.rank, self.world_size, self.device = dist.rank, dist.world_size, dist.device
+        self.precision, self.zero_stage = precision, ds.zero_stage
+        self.dist = dist
+        dtype = DTYPES[precision]  # DeepSpeed keeps the parameters in it (fp32 masters in the optimizer)
+        ds_config = deepspeed_config(cfg.train, ds, dist.world_size, precision)
+        if ds.zero_stage == 3:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = source.build(cfg.model, dist.device, dtype, dtype, partitioned=True)
+            if load_weights:
+                load_partitioned(model, source, dist.rank)
+            # forward reads v_head.weight directly (F.linear in fp32), not through v_head's forward:
+            # tell ZeRO-3 to gather it with the top module
+            deepspeed.zero.register_external_parameter(model, model.v_head.weight)
+        else:
+            model = source.build(cfg.model, dist.device, dtype, dtype, load_weights=load_weights)
+        optimizer = build_optimizer(model.parameters(), cfg.train, cpu_adam=ds.offload_optimizer)
+        # our own schedule, stepped on every step (also skipped ones, as TorchEngine does);
+        # LambdaLR writes the LR into the param-group dicts ZeRO's optimizer steps with
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.model = self.engine  # forward through the engine: its hooks gather ZeRO-3 params
+        self.attention = model.attention
+
+    def autocast(self):
+        return contextlib.nullcontext()  # DeepSpeed keeps the parameters in bf16 / fp16 itself
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # undo the rank average
+
+    def step(self) -> StepResult:
+        """DeepSpeed clips and steps; it skips an update whose gradients hold inf / nan (fp16
+        overflow, or any non-finite norm under ZeRO). Stage 0 in fp32 neither measures the norm
+        nor checks it: done here, on the gradients DeepSpeed has already averaged."""
+        norm = None
+        if self.zero_stage == 0 and self.precision == "fp32":
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))  # measures, clips nothing
+            if not math.isfinite(norm):
+                self.engine.zero_grad()
+                self.scheduler.step()
+                return StepResult(norm, False, 1.0)
+        scale = self.loss_scale()
+        self.engine.step()
+        if norm is None:
+            raw = self.engine.get_global_grad_norm()
+            norm = float(raw) if raw is not None else float("nan")  # host sync, once per step
+        applied = self.engine.was_step_applied() and math.isfinite(norm)
+        self.scheduler.step()
+        return StepResult(norm, applied, scale)
+
+    def loss_scale(self) -> float:
+        return float(getattr(self.engine.optimizer, "loss_scale", 1.0)) if self.precision == "fp16" else 1.0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_reduce_sum(tensor)
+
+    def save_state(self, folder: Path) -> None:
+        """Every rank writes its ZeRO partitions (``deepspeed/``); rank 0 the schedule."""
+        self.engine.save_checkpoint(str(folder), tag="deepspeed", client_state={}, save_latest=False)
+        if self.rank == 0:
+            torch.save({"scheduler": self.scheduler.state_dict()}, folder / "scheduler.pt")
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise UserError(folder, "DeepSpeed could not load this checkpoint", "see the log above")
+        load_scheduler(self.scheduler, torch.load(folder / "scheduler.pt", weights_only=True)["scheduler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights, one tensor at a time (a collective: every rank calls it); the
+        whole dict on rank 0 (CPU), None elsewhere."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(param)  # None without a ZeRO / bf16 optimizer
+            if full is None:
+                full = param.detach()
+            if self.rank == 0:
+                state[name] = full.detach().float().cpu()
+        return state if self.rank == 0 else None
+
+
+def load_partitioned(model: torch.nn.Module, source, rank: int) -> None:
+    """Copy the base weights into a ZeRO-3 partitioned model, one tensor at a time: each rank
+    gathers the (empty) full tensor, rank 0 fills it from disk, DeepSpeed re-partitions it."""
+    import deepspeed
+
+    with source.tensors() as get:  # every rank opens the headers (cheap); only rank 0 reads data
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
+                if rank == 0:
+                    param.data.copy_(get(name))

@@ -1,0 +1,141 @@
+"""Training faults: non-finite steps, SIGTERM, a failed save, a rank that dies."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import polar_train.train as train_module
+from polar_train.checkpoint import COMPLETE, complete_checkpoints
+from polar_train.cli import main as cli_main
+from polar_train.engine import TorchEngine
+from polar_train.loss import pair_losses
+
+from test_resume import (  # noqa: F401
+    assert_same_weights, make_run_folder, metric_rows, one_thread, start_training, train, train_losses, wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run_folder(tmp_path_factory.mktemp("faults"))
+
+
+def last_train_step(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"train"' in line]
+    return max(steps, default=0)
+
+
+def nan_losses_on(bad_steps: set[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training losses (not eval ones) become NaN on the given 1-based optimizer steps."""
+    done = {"steps": 0}
+    step = TorchEngine.step
+
+    def counting_step(self):
+        done["steps"] += 1
+        return step(self)
+
+    def losses(*args, **kwargs):
+        out = pair_losses(*args, **kwargs)
+        return out * float("nan") if torch.is_grad_enabled() and done["steps"] + 1 in bad_steps else out
+
+    monkeypatch.setattr(TorchEngine, "step", counting_step)
+    monkeypatch.setattr(train_module, "pair_losses", losses)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(run_folder: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(run_folder)
+    nan_losses_on({2}, monkeypatch)  # one bad step: skipped, counted, training goes on
+    assert cli_main(["train", "cfg.yaml", "output_dir=one_bad"]) == 0
+    rows = {r["step"]: r for r in metric_rows(run_folder / "one_bad") if r["split"] == "train"}
+    assert rows[2]["grad_norm"] != rows[2]["grad_norm"] and all(rows[s]["grad_norm"] == rows[s]["grad_norm"] for s in (1, 3, 4, 5, 6))
+    assert "step 2: non-finite loss or gradient norm, update skipped (1 in a row)" in (run_folder / "one_bad" / "train.log").read_text()
+
+    nan_losses_on({3, 4, 5, 6}, monkeypatch)
+    assert cli_main(["train", "cfg.yaml", "output_dir=all_bad", "train.max_bad_steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert "polar-train: error: step 5: 3 steps in a row had a non-finite loss or gradient norm" in err
+    assert "Traceback" not in err
+    assert not (run_folder / "all_bad" / "hf").exists()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(run_folder)
+    save = TorchEngine.save_state
+    calls = {"n": 0}
+
+    def disk_full_on_second_save(self, folder: Path) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            torch.save(self.model.state_dict(), folder / "model.pt")  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.pt"))
+        save(self, folder)
+
+    monkeypatch.setattr(TorchEngine, "save_state", disk_full_on_second_save)
+    assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 1
+    err = capsys.readouterr().err
+    out = run_folder / "full_disk"
+    assert "polar-train: error: full_disk/checkpoints/step-4: checkpoint could not be written: No space left on device" in err
+    assert "step-2 is intact and train.resume=auto continues from it" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # no partial folder left
+    assert (out / "checkpoints" / "step-2" / COMPLETE).exists()
+
+    monkeypatch.setattr(TorchEngine, "save_state", save)  # the disk has space again: resume
+    assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 0
+    assert cli_main(["train", "cfg.yaml", "output_dir=clean", "train.save_steps=2"]) == 0
+    assert metric_rows(out) == metric_rows(run_folder / "clean")
+    assert [s for s, _ in complete_checkpoints(out)] == [4, 6]
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(run_folder: Path) -> None:
+    steps = ["train.max_steps=40"]
+    proc = start_training(run_folder, "output_dir=stopped", *steps)
+    try:
+        wait_for(lambda: last_train_step(run_folder / "stopped") >= 2, timeout=120, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (run_folder / "proc.log").read_text()
+    assert "SIGTERM: finishing this step" in log
+    assert "resume with:\n  polar-train train cfg.yaml output_dir=stopped train.max_steps=40 train.resume=auto" in log
+    stopped_at = last_train_step(run_folder / "stopped")
+    assert 2 <= stopped_at < 40 and not (run_folder / "stopped" / "hf").exists()
+    assert [s for s, _ in complete_checkpoints(run_folder / "stopped")] == [stopped_at]
+
+    train(run_folder, "output_dir=stopped", *steps, "train.resume=auto")
+    train(run_folder, "output_dir=uninterrupted", *steps)
+    assert train_losses(run_folder / "stopped") == train_losses(run_folder / "uninterrupted")
+    assert_same_weights(run_folder / "stopped" / "hf", run_folder / "uninterrupted" / "hf")
+
+
+@pytest.mark.slow
+def test_a_dead_rank_ends_the_job_instead_of_hanging(run_folder: Path) -> None:
+    proc = start_training(run_folder, "output_dir=dead_rank", "train.max_steps=100000", "data.eval_files=[]",
+                          "deepspeed.enabled=true", nproc=2, log_name="dead_rank.log")
+    try:
+        wait_for(lambda: last_train_step(run_folder / "dead_rank") >= 2, timeout=180, proc=proc)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed = time.monotonic()
+        code = proc.wait(120)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code != 0
+    assert elapsed < 120
