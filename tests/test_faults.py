@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -35,6 +34,19 @@ def last_train_step(out: Path) -> int:
         return 0
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"train"' in line]
     return max(steps, default=0)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc: no procps needed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
 
 
 def nan_losses_on(bad_steps: set[int], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,9 +140,9 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(run_folder: Path) -> None:
                           "deepspeed.enabled=true", nproc=2, log_name="dead_rank.log")
     try:
         wait_for(lambda: last_train_step(run_folder / "dead_rank") >= 2, timeout=180, proc=proc)
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = child_pids(proc.pid)  # torchrun's two workers
         assert len(workers) == 2, workers
-        os.kill(int(workers[-1]), signal.SIGKILL)
+        os.kill(workers[-1], signal.SIGKILL)
         killed = time.monotonic()
         code = proc.wait(120)
         elapsed = time.monotonic() - killed
