@@ -132,9 +132,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "", problems)
     cfg = _build(Config, raw, "", problems)
     problems += _check_values(cfg)
+    if len(problems) == 1:  # one line: "configs/x.yaml: train.lrr: unknown key (did you mean train.lr?)"
+        raise ConfigError(where, problems[0])
     if problems:
-        n = len(problems)
-        raise ConfigError(where, f"{n} problem{'s' * (n > 1)} in the config:\n  " + "\n  ".join(problems))
+        raise ConfigError(where, f"{len(problems)} problems in the config:\n  " + "\n  ".join(problems))
     return cfg
 
 

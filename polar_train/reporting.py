@@ -37,7 +37,9 @@ def setup_logging(log_file: Path | None = None, rank: int = 0, level: int = logg
 class MetricsWriter:
     """Appends one JSON object per event to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
 
-    def __init__(self, out_dir: Path, enabled: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool = True, resumed_at: int = 0):
+        """``resumed_at``: the step a resumed run continues from; TensorBoard events written
+        after it by the interrupted run are purged (metrics.jsonl comes back from the checkpoint)."""
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -47,7 +49,7 @@ class MetricsWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
         except ImportError:  # tensorboard is a dependency; a broken install only loses the events
             logging.getLogger(LOGGER_NAME).warning("tensorboard not importable: no TensorBoard events")
 

@@ -57,6 +57,7 @@ RESUMABLE_KEYS = frozenset({
     "train.export_dtype",
     "deepspeed.offload_optimizer",
     "deepspeed.offload_params",
+    "deepspeed.timeout_minutes",
 })
 
 

@@ -31,7 +31,7 @@ from polar_train.config import Config
 from polar_train.data import SkippedRow, load_pair_dataset
 from polar_train.engine import build_engine, distributed
 from polar_train.errors import TrainingError, UserError
-from polar_train.evaluate import pair_report
+from polar_train.evaluate import pair_report, write_report
 from polar_train.loss import pair_losses, pair_stats, summarize
 from polar_train.packing import StepPlanner, pack_step, pair_cost
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
@@ -75,7 +75,7 @@ def run(cfg: Config) -> dict[str, float]:
         resume_from = find_resume(cfg)
         engine = build_engine(cfg, dist, source, total_steps, load_weights=resume_from is None)
         state = load_checkpoint(engine, dist, resume_from, out) if resume_from else fresh_state(dist, out)
-        writer = MetricsWriter(out, enabled=dist.rank == 0)
+        writer = MetricsWriter(out, enabled=dist.rank == 0, resumed_at=state.step)
         log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention, engine.precision,
                  dist.world_size, engine.kind, f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else "", dist.device)
         log.info("%d train pairs, %d steps of %d pairs", len(train_set.pairs), total_steps, cfg.train.pairs_per_step)
@@ -86,6 +86,10 @@ def run(cfg: Config) -> dict[str, float]:
             chosen, rejected = eval_rewards(engine, eval_set, cfg, share_max_len).unbind(1)  # [N] each
             metrics = eval_metrics(chosen, rejected, cfg)
             state.eval_report = pair_report(chosen.cpu(), rejected.cpu(), num_dropped=eval_set.num_over_budget)
+            if dist.rank == 0:  # eval/step-N/report.json; the final one, with its plots, next to hf/
+                final = step == total_steps
+                write_report(state.eval_report, out / "eval" / ("final" if final else f"step-{step}"),
+                             chosen.cpu(), rejected.cpu(), plots=final)
             writer.write(step, "eval", metrics)
             log.info("eval step %d | %s", step, format_metrics(metrics, ("loss", "accuracy", "margin")))
             return metrics

@@ -171,7 +171,6 @@ def test_write_skipped_rows_lists_every_row(tmp_path, caplog):
     assert not path.exists()  # a stale list from an earlier attempt is removed
 
 
-@pytest.mark.xfail(reason="wiring pending: train.run writes rundir.write_skipped_rows", strict=False)
 def test_train_with_skip_writes_skipped_rows(tmp_path, capsys, repo_root, tiny_tokenizer_path):
     data = write_lines(tmp_path / "train.jsonl", [GOOD, BAD_LINES["malformed JSON"][0], GOOD, GOOD])
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml",
@@ -289,7 +288,6 @@ def test_preflight_data_files(tmp_path, repo_root, tiny_tokenizer_path):
         assert info.value.where == where
 
 
-@pytest.mark.xfail(reason="wiring pending: train.run calls rundir.preflight before building the model", strict=False)
 def test_missing_data_file_fails_before_the_model_is_built(tmp_path, capsys, repo_root, tiny_tokenizer_path):
     missing = tmp_path / "nope.jsonl"
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", *base_args(tmp_path, tiny_tokenizer_path, missing))
@@ -339,7 +337,6 @@ def test_output_dir_that_is_not_a_run(tmp_path, repo_root, tiny_tokenizer_path):
     assert (tmp_path / "empty" / "deeper" / "config.yaml").is_file()
 
 
-@pytest.mark.xfail(reason="wiring pending: train.run calls rundir.prepare_output_dir", strict=False)
 def test_train_refuses_an_output_dir_of_a_different_run(tmp_path, capsys, repo_root, tiny_tokenizer_path):
     data = write_lines(tmp_path / "train.jsonl", [GOOD, GOOD])
     args = base_args(tmp_path, tiny_tokenizer_path, data)
