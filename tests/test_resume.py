@@ -160,7 +160,8 @@ def test_checkpoint_layout_pruning_and_convert(run_folder: Path) -> None:
     ckpt = root / "step-6"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
         [COMPLETE, "config.yaml", "metrics.jsonl", "model.pt", "model_files", "optimizer.pt", "rng", "trainer_state.json"])
-    assert sorted(p.name for p in (ckpt / "model_files").iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    tokenizer_files = [p.name for p in (run_folder / "tok").iterdir()]  # transformers 4.x writes one more than 5.x
+    assert sorted(p.name for p in (ckpt / "model_files").iterdir()) == sorted(["config.json", *tokenizer_files])
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["engine"], state["world_size"], state["export_dtype"]) == (6, "torch", 1, "float32")
     assert state["last_train"]["loss"] == train_losses(out)[-1]
