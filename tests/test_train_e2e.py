@@ -35,12 +35,14 @@ def metrics(out: Path, split: str) -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def test_shared_prefix_layout_does_not_change_the_training_losses(tmp_path):
+@pytest.mark.parametrize("max_tokens", [None, 512], ids=["demo-budget", "several-micro-batches"])
+def test_shared_prefix_layout_does_not_change_the_training_losses(tmp_path, max_tokens):
     losses = {}
+    budget = [f"data.max_tokens={max_tokens}"] if max_tokens else []
     for shared in ("true", "false"):
         cfg = demo_config(
             tmp_path, f"run-{shared}", f"data.shared_prefix={shared}", "train.max_steps=5", "train.log_steps=1",
-            "data.eval_files=[]", "data.max_tokens=512",  # several micro-batches per step
+            "data.eval_files=[]", *budget,
         )
         run(cfg)
         rows = metrics(Path(cfg.output_dir), "train")
