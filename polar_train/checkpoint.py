@@ -6,7 +6,8 @@ A run's output directory::
       checkpoints/
         step-40/                 one checkpoint; it counts only once COMPLETE exists
           COMPLETE               written last ({"step": 40}); a step-N without it is ignored
-          trainer_state.json     step, engine, ranks, ZeRO stage, export dtype, metrics to continue
+          trainer_state.json     step, the launch (engine, ranks, ZeRO stage, precision, offload),
+                                 export dtype, metrics to continue
           config.yaml            the resolved run config
           model_files/           config.json + tokenizer + remote-code *.py: convert needs no base folder
           metrics.jsonl          the run's metrics up to this step (restored on resume)
@@ -18,16 +19,27 @@ A run's output directory::
 
 Saving writes into ``.tmp-step-N``, fsyncs every file, renames it to ``step-N`` and only then
 writes ``COMPLETE``: a crash at any point leaves the previous checkpoint as the latest one.
-The data position is the step alone: the step plan is a pure function of (seed, epoch, step).
+
+Resuming: a run launched like the one that saved (engine, number of ranks, ZeRO stage, precision,
+offload) reads back each rank's own files, bitwise. Any other launch (16 GPUs -> 8, ZeRO-2 ->
+ZeRO-3, DeepSpeed -> one plain process and back) reads the checkpoint by parameter name
+(``PortableState``: ZeRO partitions stitched together on read, nothing extra written at save
+time) and sets every fp32 master weight, both AdamW moments and the AdamW step exactly; the LR
+schedule comes along. The data position is the step alone: the pairs of a step are a function of
+(seed, epoch, step), whatever the number of ranks (``packing.StepPlanner.step_pairs``), so a
+step covers the same global pairs on any launch. RNG states are per rank and do not map across
+world sizes: rank r restores the state rank r saved, ranks the saved run did not have are seeded
+from (step, rank). Nothing in training draws random numbers after the model's init (no dropout),
+so this changes no result.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -42,6 +54,7 @@ import torch
 import yaml
 
 from polar_train.config import Config, ModelSection, save_config, to_dict
+from polar_train.engine import ADAM_MOMENTS, import_deepspeed
 from polar_train.errors import TrainingError, UserError
 from polar_train.model import InternLM2RewardModel, ModelConfig, load_model, resolve_attention, save_state_dict
 from polar_train.model import hf
@@ -205,7 +218,7 @@ def save_checkpoint(engine, dist, out: Path, state: TrainerState, cfg: Config, s
     try:
         torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
         if dist.rank == 0:
-            _write_run_files(tmp, out, state, cfg, source, engine, dist.world_size)
+            _write_run_files(tmp, out, state, cfg, source, engine)
         dist.barrier()
         if dist.local_rank == 0:  # the page cache is per machine: one rank per machine flushes it
             _fsync_tree(tmp)
@@ -229,14 +242,11 @@ def save_checkpoint(engine, dist, out: Path, state: TrainerState, cfg: Config, s
 
 
 def _write_run_files(folder: Path, out: Path, state: TrainerState, cfg: Config, source: ModelSource,
-                     engine, world_size: int) -> None:
+                     engine) -> None:
     meta = {
         "format": FORMAT_VERSION,
         **asdict(state),
-        "engine": engine.kind,
-        "world_size": world_size,
-        "zero_stage": getattr(engine, "zero_stage", None),
-        "precision": engine.precision,
+        **engine.launch,  # engine, world_size, zero_stage, precision, offload_optimizer, offload_params
         "export_dtype": export_dtype(cfg.train.export_dtype, source.config),
         "base_model": source.path or None,
     }
@@ -309,7 +319,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -384,6 +394,24 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
+def describe_launch(launch: dict[str, Any]) -> str:
+    """``2 rank(s), deepspeed ZeRO-2, bf16, optimizer offload``."""
+    what = f"{launch['world_size']} rank(s), {launch['engine']}"
+    if launch["engine"] == "deepspeed":
+        what += f" ZeRO-{launch['zero_stage']}"
+    what += f", {launch['precision']}"
+    offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_params") if launch.get(k)]
+    return what + (f", {' + '.join(offload)} offload" if offload else "")
+
+
+def seed_rng(seed: int) -> None:
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def fresh_state(dist, out: Path) -> TrainerState:
     """Step 0: a metrics.jsonl left by an earlier run in ``out`` is removed, not appended to."""
     if dist.rank == 0 and (out / METRICS_FILE).exists():
@@ -392,19 +420,24 @@ def fresh_state(dist, out: Path) -> TrainerState:
 
 
 def load_checkpoint(engine, dist, ckpt: Path, out: Path) -> TrainerState:
-    """Restore the engine, this rank's RNG and (rank 0) metrics.jsonl; returns the loop's state.
+    """Restore the engine (by parameter name if another launch wrote ``ckpt``: see the module
+    docstring), this rank's RNG and (rank 0) metrics.jsonl; returns the loop's state.
 
     Later checkpoints of ``out`` (a resume from an earlier step) are removed: training from here
     rewrites those steps, and ``train.resume=auto`` must not pick the abandoned ones.
     """
     meta = read_meta(ckpt)
-    launch = f"{meta['world_size']} rank(s), engine {meta['engine']}" + (
-        f", ZeRO-{meta['zero_stage']}" if meta["engine"] == "deepspeed" else "")
-    if (meta["engine"], meta["world_size"], meta["zero_stage"]) != (engine.kind, dist.world_size, getattr(engine, "zero_stage", None)):
-        raise UserError(ckpt, f"was written by {launch}; this run has {dist.world_size} rank(s), engine {engine.kind}",
-                        f"resume with the same launch, or `polar-train convert {ckpt} DIR` and start a new run from model.path=DIR")
-    engine.load_state(ckpt)
-    set_rng_state(torch.load(ckpt / "rng" / f"rank-{dist.rank:05d}.pt", weights_only=False))
+    saved = {key: meta.get(key, False) for key in engine.launch}  # older checkpoints: no offload keys
+    if saved == engine.launch:
+        engine.load_state(ckpt)  # each rank reads back its own files
+    else:
+        log.info("%s was written by %s; this run has %s: restoring it by parameter name", ckpt,
+                 describe_launch(saved), describe_launch(engine.launch))
+        engine.load_portable(read_portable(ckpt, meta))
+    if dist.rank < meta["world_size"]:
+        set_rng_state(torch.load(ckpt / "rng" / f"rank-{dist.rank:05d}.pt", weights_only=False))
+    else:  # a rank the saved run did not have (see the module docstring)
+        seed_rng((meta["step"] * 1_000_003 + dist.rank) % 2**32)
     if dist.rank == 0:
         for step, path in complete_checkpoints(out):
             if step > meta["step"] and path.resolve() != ckpt.resolve():
@@ -422,41 +455,221 @@ def load_checkpoint(engine, dist, ckpt: Path, out: Path) -> TrainerState:
 
 
 # ---------------------------------------------------------------------------------------------
-# convert: any checkpoint -> the HF folder the end of training writes
+# Any checkpoint by parameter name (a resume on another launch, convert)
 # ---------------------------------------------------------------------------------------------
 
 
-class _LazyState(Mapping):
-    """name -> tensor, each one materialised on access (ZeRO partitions merged on demand)."""
+@dataclass
+class PortableState:
+    """A checkpoint seen by parameter name, whatever engine, ZeRO stage and number of ranks wrote
+    it: each parameter's fp32 master weight and AdamW moments, the AdamW step, the LR schedule and
+    (fp16) the loss scale. Files are memory-mapped and each tensor is stitched together from the
+    ranks' partitions when asked for, so memory stays about one parameter::
 
-    def __init__(self, lazy: Mapping[str, Any]):
-        self.lazy = lazy
+        view = read_portable(ckpt, read_meta(ckpt))
+        view.tensor("v_head.weight", "fp32")     # [1, H] float32, the master weight
+        view.tensor("v_head.weight", "exp_avg")  # [1, H] float32; "exp_avg_sq" likewise
+    """
+
+    shapes: dict[str, torch.Size]  # parameter name -> full shape
+    step: int  # AdamW steps taken (its bias correction)
+    scheduler: dict[str, Any]  # LambdaLR state
+    loss_scale: float | None  # fp16 dynamic loss scale; None for bf16 / fp32
+    read: Callable[[str, str], torch.Tensor]  # (name, "fp32" | "exp_avg" | "exp_avg_sq") -> its elements
+    ckpt: Path
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # non-parameter tensors (convert)
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        return self.read(name, key).reshape(self.shapes[name]).float()
+
+    def check(self, shapes: Mapping[str, torch.Size]) -> None:
+        """The model being resumed has exactly these parameters, of these shapes."""
+        missing, extra = sorted(set(shapes) - set(self.shapes)), sorted(set(self.shapes) - set(shapes))
+        wrong = [f"{n} {tuple(self.shapes[n])} != {tuple(s)}" for n, s in shapes.items()
+                 if n in self.shapes and tuple(self.shapes[n]) != tuple(s)]
+        if missing or extra or wrong:
+            found = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in
+                              (("missing", missing), ("unexpected", extra), ("shape", wrong)) if names)
+            raise UserError(self.ckpt, f"does not hold this model's parameters ({found})",
+                            "resume with the model config that wrote it (its config.yaml)")
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """name -> fp32 master weight (buffers too), each read on access (convert)."""
+        return _Weights(self)
+
+
+class _Weights(Mapping):
+    def __init__(self, view: PortableState):
+        self.view = view
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return self.lazy[name].contiguous()
+        if name in self.view.buffers:
+            return self.view.buffers[name]
+        return self.view.tensor(name, "fp32")
 
     def __iter__(self):
-        return iter(self.lazy)
+        return iter([*self.view.shapes, *self.view.buffers])
 
     def __len__(self) -> int:
-        return len(self.lazy)
+        return len(self.view.shapes) + len(self.view.buffers)
 
 
-def read_weights(ckpt: Path, meta: dict[str, Any]) -> Mapping[str, torch.Tensor]:
-    """The fp32 master weights of any checkpoint, whatever engine and number of ranks wrote it."""
+def read_portable(ckpt: Path, meta: dict[str, Any]) -> PortableState:
+    """The ``PortableState`` of any checkpoint (reads headers and indexes; tensors on demand)."""
     if meta["engine"] == "torch":
-        return torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-    if meta["zero_stage"] == 0:  # no ZeRO partitions: the module's own weights
-        states = torch.load(ckpt / "deepspeed" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return states["module"]
-    from polar_train.engine import import_deepspeed
+        view = _read_torch(ckpt)
+    else:
+        import_deepspeed()  # its files pickle DeepSpeed classes: import it quietly, accelerator named
+        scheduler = _load(ckpt / "scheduler.pt")["scheduler"]
+        read = _read_replicated if meta["zero_stage"] == 0 else _read_partitioned
+        view = read(ckpt, meta, scheduler)
+    if meta["precision"] != "fp16":
+        view.loss_scale = None
+    return view
 
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed", lazy_mode=True)
-    return _LazyState(lazy)
+def _load(path: Path, *, trusted: bool = False) -> Any:
+    """A torch file memory-mapped on the CPU. ``trusted``: DeepSpeed's files pickle its own classes."""
+    if not path.is_file():
+        raise UserError(path, "is missing from the checkpoint", "it is damaged or still being copied: use another step")
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=not trusted)
+
+
+def _one_step(states: list[dict], ckpt: Path) -> int:
+    """The AdamW step of the checkpoint: one count shared by every parameter (0 before the first)."""
+    steps = {int(s["step"]) for s in states if s}
+    if len(steps) > 1:
+        raise UserError(ckpt, f"holds parameters at different AdamW steps {sorted(steps)}",
+                        "resume with the launch that wrote it (engine, ranks, ZeRO stage, precision)")
+    return steps.pop() if steps else 0
+
+
+def _per_param(names: list[str], masters: Mapping[str, torch.Tensor], optim: dict, ckpt: Path,
+               scheduler: dict, loss_scale: float | None, buffers: dict) -> PortableState:
+    """Checkpoints whose optimizer holds one state per parameter (a plain AdamW state dict, its
+    parameter indices in ``names`` order): TorchEngine and ZeRO-0."""
+    order = [i for group in optim["param_groups"] for i in group["params"]]
+    if len(order) != len(names):
+        raise UserError(ckpt, f"its optimizer holds {len(order)} parameters, its model {len(names)}",
+                        "the checkpoint is damaged: use another step")
+    state = {name: optim["state"].get(i, {}) for name, i in zip(names, order)}
+    shapes = {name: masters[name].shape for name in names}
+
+    def read(name: str, key: str) -> torch.Tensor:
+        if key == "fp32":
+            return masters[name]
+        return state[name][key] if state[name] else torch.zeros(shapes[name])  # no step taken yet
+
+    return PortableState(shapes, _one_step(list(state.values()), ckpt), scheduler, loss_scale, read, ckpt, buffers)
+
+
+def _read_torch(ckpt: Path) -> PortableState:
+    model = _load(ckpt / "model.pt")
+    saved = _load(ckpt / "optimizer.pt")
+    names = saved.get("param_names") or list(model)  # written before param_names: no buffers then
+    scale = saved["scaler"]["scale"] if saved.get("scaler") else None
+    buffers = {k: v for k, v in model.items() if k not in names}
+    return _per_param(names, model, saved["optimizer"], ckpt, saved["scheduler"], scale, buffers)
+
+
+def _read_replicated(ckpt: Path, meta: dict, scheduler: dict) -> PortableState:
+    """ZeRO-0: every rank held everything, rank 0 wrote it. fp32: the module is the master and the
+    optimizer a plain AdamW; bf16 / fp16: FP16_UnfusedOptimizer keeps per-parameter fp32 copies."""
+    folder = ckpt / "deepspeed"
+    states = _load(folder / "mp_rank_00_model_states.pt", trusted=True)
+    module, optim = states["module"], states["optimizer"]
+    buffer_names = set(states.get("buffer_names") or [])
+    names = [k for k in module if k not in buffer_names]
+    buffers = {k: module[k] for k in buffer_names}
+    if "fp32_groups_flat" in optim:  # FP16_Optimizer, only with a fused optimizer: not one we build
+        raise UserError(folder, "holds DeepSpeed's fused FP16_Optimizer state, which cannot be read by parameter name",
+                        "resume with the launch that wrote it (engine, ranks, ZeRO stage, precision)")
+    if "fp32_groups" in optim:
+        masters = dict(zip(names, [t for group in optim["fp32_groups"] for t in group]))
+        return _per_param(names, masters, optim["optimizer_state_dict"], ckpt, scheduler, optim.get("cur_scale"), buffers)
+    return _per_param(names, module, optim, ckpt, scheduler, None, buffers)
+
+
+def _span(flats: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Elements [start, start + length) of the concatenation of the 1-D ``flats``, without building it."""
+    pieces, pos = [], 0
+    for flat in flats:
+        lo, hi = max(start, pos), min(start + length, pos + flat.numel())
+        if lo < hi:
+            pieces.append(flat[lo - pos : hi - pos])
+        pos += flat.numel()
+    assert sum(p.numel() for p in pieces) == length, (start, length, pos)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _read_partitioned(ckpt: Path, meta: dict, scheduler: dict) -> PortableState:
+    """ZeRO-1/2/3: each rank wrote its partition of the flat fp32 masters and of the AdamW state of
+    those flat tensors (``zero_pp_rank_R_*``; ``bf16_zero_pp_rank_R_*`` from bf16 ZeRO-1).
+
+    ZeRO-1/2, per parameter group: the parameters (``param_shapes`` order, each followed by its
+    alignment padding) laid end to end, then cut into one equal slice per rank::
+
+        flat group  [ p0 | p1 | p2 ...... | pad ]   rank 0 = first slice, rank 1 = the next, ...
+
+    ZeRO-3: every parameter is cut into one equal piece per rank (the last one padded); rank r's
+    file holds its piece of every parameter, end to end (over sub-groups)::
+
+        rank r      [ p0[r] | p1[r] | p2[r] ... ]   p = cat(p[0], p[1], ...)[:numel]
+    """
+    folder, stage3, ranks = ckpt / "deepspeed", meta["zero_stage"] == 3, range(meta["world_size"])
+    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 else "mp_rank_00_model_states.pt"
+    param_shapes = _load(folder / model_file, trusted=True)["param_shapes"]
+    prefix = "bf16_" if (folder / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else ""
+    optim = [_load(folder / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt", trusted=True)["optimizer_state_dict"]
+             for r in ranks]
+    base_key = "optimizer_state_dict" if stage3 else "base_optimizer_state"
+    if not all(isinstance(o[base_key], dict) for o in optim):  # zero_optimization.elastic_checkpoint
+        raise UserError(folder, "holds an elastic ZeRO checkpoint, which cannot be read by parameter name",
+                        "resume with the launch that wrote it (engine, ranks, ZeRO stage, precision)")
+
+    # flats[key][rank][group]: the 1-D partitions of the fp32 masters and of each moment
+    flats = {"fp32": [o["fp32_flat_groups" if stage3 else "single_partition_of_fp32_groups"] for o in optim]}
+    states = []
+    for o, fp32 in zip(optim, flats["fp32"]):
+        base = o[base_key]
+        order = [i for group in base["param_groups"] for i in group["params"]]  # index -> flat group
+        states.append([base["state"].get(i, {}) for i in order])
+        assert len(order) == len(fp32), (len(order), len(fp32))
+    for key in ADAM_MOMENTS:
+        flats[key] = [[s[key] if s else torch.zeros_like(f) for s, f in zip(st, fp32)]
+                      for st, fp32 in zip(states, flats["fp32"])]
+    step = _one_step([s for st in states for s in st], ckpt)
+    scaler = optim[0].get("loss_scaler")
+    loss_scale = getattr(scaler, "cur_scale", None) if meta["precision"] == "fp16" else None
+
+    paddings = optim[0].get("param_alignment_paddings")  # ZeRO-1/2: zeros after each parameter, if any
+    shapes: dict[str, torch.Size] = {}
+    where: dict[str, tuple[int, int, int]] = {}  # name -> (group, offset, numel) in the flats
+    offset = 0
+    for g, group in enumerate(param_shapes):
+        offset = offset if stage3 else 0  # ZeRO-3: a rank's pieces run on over its sub-groups
+        for i, (name, shape) in enumerate(group.items()):
+            shapes[name] = torch.Size(shape)
+            numel = math.ceil(shapes[name].numel() / len(ranks)) if stage3 else shapes[name].numel()
+            where[name] = (g, offset, numel)
+            offset += numel + (paddings[g][i] if paddings else 0)
+    held = sum(f.numel() for f in flats["fp32"][0])
+    if stage3 and offset != held:
+        raise UserError(folder, f"its ZeRO-3 partitions hold {held} elements per rank, its parameters need {offset}",
+                        "the checkpoint is damaged: use another step")
+
+    def read(name: str, key: str) -> torch.Tensor:
+        g, off, numel = where[name]
+        if stage3:
+            return torch.cat([_span(flats[key][r], off, numel) for r in ranks])[: shapes[name].numel()]
+        return _span([flats[key][r][g] for r in ranks], off, numel)
+
+    return PortableState(shapes, step, scheduler, loss_scale, read, ckpt)
+
+
+# ---------------------------------------------------------------------------------------------
+# convert: any checkpoint -> the HF folder the end of training writes
+# ---------------------------------------------------------------------------------------------
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB") -> Path:
@@ -470,7 +683,7 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", ma
     config = ModelConfig.from_file(files / "config.json")
     dtype = meta["export_dtype"] if dtype == "auto" else dtype
     training_config = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    return save_state_dict(read_weights(ckpt, meta), config, out_dir, base_dir=files, dtype=getattr(torch, dtype),
+    return save_state_dict(read_portable(ckpt, meta).weights(), config, out_dir, base_dir=files, dtype=getattr(torch, dtype),
                            max_shard_size=max_shard_size, training_config=training_config, eval_report=meta["eval_report"])
 
 

@@ -9,8 +9,11 @@ Two engines, one interface (all the training loop uses)::
     engine.step() -> StepResult   clip, update (or skip a non-finite one), advance the schedule
     engine.lr, engine.all_reduce_sum(t)
     engine.save_state(folder), engine.load_state(folder)   (checkpoint.py adds the rest)
+    engine.load_portable(view)    the same state read by parameter name from a checkpoint of any
+                                  engine, ZeRO stage or number of ranks (checkpoint.PortableState)
     engine.full_state_dict()      fp32 master weights on rank 0 (a collective)
-    engine.kind, engine.zero_stage, engine.precision, engine.attention   (logs, checkpoint metadata)
+    engine.launch                 engine kind, ranks, ZeRO stage, precision, offload (logs, metadata)
+    engine.kind, engine.zero_stage, engine.precision, engine.attention
 
 ``TorchEngine``: one process, plain PyTorch (the demo: no DeepSpeed import, no op compile).
 ``DeepSpeedEngine``: DeepSpeed ZeRO 0/2/3 over NCCL (GPUs) or gloo (CPU), one process per device,
@@ -75,6 +78,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; besides them, one step count
 
 
 @dataclass
@@ -215,6 +219,24 @@ def build_optimizer(params, train: TrainSection, *, cpu_adam: bool = False) -> t
     return torch.optim.AdamW(params, foreach=False, **kwargs)
 
 
+def adam_state(optimizer: torch.optim.Optimizer, master: torch.Tensor, step: int) -> dict:
+    """``optimizer.state[master]`` at ``step`` with zeroed moments, created the way AdamW /
+    DeepSpeedCPUAdam create it at their first step (which has not happened yet after a resume).
+    Existing moment tensors are zeroed in place: ZeRO may hold views of them."""
+    state = optimizer.state[master]
+    if not state:
+        state["step"] = torch.tensor(0.0) if isinstance(optimizer, torch.optim.AdamW) else 0  # CPU Adam: an int
+        for key in ADAM_MOMENTS:
+            state[key] = torch.zeros_like(master, dtype=torch.float32)
+    for key in ADAM_MOMENTS:
+        state[key].zero_()
+    if torch.is_tensor(state["step"]):
+        state["step"].fill_(step)
+    else:
+        state["step"] = step
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # One process, plain PyTorch
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +250,7 @@ class TorchEngine:
     zero_stage = None
     rank = 0
     world_size = 1
+    offload_optimizer = offload_params = False
 
     def __init__(self, model: torch.nn.Module, train: TrainSection, total_steps: int, device: torch.device,
                  precision: str = "fp32"):
@@ -278,10 +301,18 @@ class TorchEngine:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    @property
+    def launch(self) -> dict:
+        return launch_of(self)
+
     def save_state(self, folder: Path) -> None:
+        """``model.pt`` (the state dict) and ``optimizer.pt``; ``param_names`` names the optimizer's
+        parameter indices, so another engine can read the moments by name."""
         torch.save(self.model.state_dict(), folder / "model.pt")
+        names = [name for name, p in self.model.named_parameters() if p.requires_grad]
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler else None}, folder / "optimizer.pt")
+                    "scaler": self.scaler.state_dict() if self.scaler else None, "param_names": names},
+                   folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
         self.model.load_state_dict(torch.load(folder / "model.pt", map_location=self.device, weights_only=True))
@@ -291,8 +322,31 @@ class TorchEngine:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
 
+    @torch.no_grad()
+    def load_portable(self, view) -> None:
+        """Weights, AdamW moments and step, schedule (and fp16 loss scale) from a checkpoint read by
+        parameter name: one written by DeepSpeed, any ZeRO stage, any number of ranks."""
+        named = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        view.check({name: p.shape for name, p in named.items()})
+        for name, param in named.items():
+            param.copy_(view.tensor(name, "fp32"))
+            state = adam_state(self.optimizer, param, view.step)
+            for key in ADAM_MOMENTS:
+                state[key].copy_(view.tensor(name, key))
+        load_scheduler(self.scheduler, view.scheduler)
+        if self.scaler and view.loss_scale:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": view.loss_scale})
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+
+
+def launch_of(engine) -> dict:
+    """What a checkpoint records of the launch that wrote it; an equal launch resumes from each
+    rank's own files (bitwise), any other reads the checkpoint by parameter name."""
+    return {"engine": engine.kind, "world_size": engine.world_size, "zero_stage": engine.zero_stage,
+            "precision": engine.precision, "offload_optimizer": engine.offload_optimizer,
+            "offload_params": engine.offload_params}
 
 
 def load_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
@@ -348,6 +402,7 @@ class DeepSpeedEngine:
         ds = cfg.deepspeed
         self.rank, self.world_size, self.device = dist.rank, dist.world_size, dist.device
         self.precision, self.zero_stage = precision, ds.zero_stage
+        self.offload_optimizer, self.offload_params = ds.offload_optimizer, ds.offload_params
         self.dist = dist
         dtype = DTYPES[precision]  # DeepSpeed keeps the parameters in it (fp32 masters in the optimizer)
         ds_config = deepspeed_config(cfg.train, ds, dist.world_size, precision)
@@ -361,13 +416,14 @@ class DeepSpeedEngine:
             deepspeed.zero.register_external_parameter(model, model.v_head.weight)
         else:
             model = source.build(cfg.model, dist.device, dtype, dtype, load_weights=load_weights)
-        optimizer = build_optimizer(model.parameters(), cfg.train, cpu_adam=ds.offload_optimizer)
+        # DeepSpeed points this optimizer's param groups at its fp32 masters (ZeRO: flat partitions)
+        self.optimizer = build_optimizer(model.parameters(), cfg.train, cpu_adam=ds.offload_optimizer)
         # our own schedule, stepped on every step (also skipped ones, as TorchEngine does);
         # LambdaLR writes the LR into the param-group dicts ZeRO's optimizer steps with
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+            self.optimizer, lr_lambda(total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
         )
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.model = self.engine  # forward through the engine: its hooks gather ZeRO-3 params
         self.attention = model.attention
 
@@ -409,6 +465,10 @@ class DeepSpeedEngine:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.dist.all_reduce_sum(tensor)
 
+    @property
+    def launch(self) -> dict:
+        return launch_of(self)
+
     def save_state(self, folder: Path) -> None:
         """Every rank writes its ZeRO partitions (``deepspeed/``); rank 0 the schedule."""
         self.engine.save_checkpoint(str(folder), tag="deepspeed", client_state={}, save_latest=False)
@@ -422,16 +482,70 @@ class DeepSpeedEngine:
             raise UserError(folder, "DeepSpeed could not load this checkpoint", "see the log above")
         load_scheduler(self.scheduler, torch.load(folder / "scheduler.pt", weights_only=True)["scheduler"])
 
+    @torch.no_grad()
+    def load_portable(self, view) -> None:
+        """Weights, AdamW moments and step, schedule (and fp16 loss scale) from a checkpoint read by
+        parameter name, written by any engine, ZeRO stage or number of ranks. Every rank calls it
+        (ZeRO-3 re-partitions each working weight from rank 0) and reads whole tensors from the
+        checkpoint, one at a time, keeping its own fragment (DeepSpeed's tensor-fragment API)."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        named = {name: p for name, p in self.engine.module.named_parameters() if p.requires_grad}
+        view.check({name: getattr(p, "ds_shape", p.shape) for name, p in named.items()})
+        # the fp32 masters the optimizer steps: ZeRO partitions (ZeRO-3 lists them only during a
+        # step) or whole tensors (ZeRO-0)
+        flat = getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", None)
+        for master in flat if flat is not None else [m for g in self.optimizer.param_groups for m in g["params"]]:
+            adam_state(self.optimizer, master, view.step)
+        # ZeRO-1/2 (and bf16 ZeRO-1) link each parameter's fragment to the moments at the first
+        # step; the fragment API needs that link now (DeepSpeed's own method, run early)
+        link = getattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:
+            link()
+        copies = self.replicated_masters()
+        for name, param in named.items():
+            weight = view.tensor(name, "fp32").to(self.device)
+            if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO-1/2/3: this rank's fragment
+                safe_set_full_fp32_param(param, weight)
+                for key in ADAM_MOMENTS:
+                    safe_set_full_optimizer_state(param, view.tensor(name, key).to(self.device), key)
+            else:  # ZeRO-0: the parameter is its own master (fp32) or has an fp32 copy (bf16 / fp16)
+                master = copies.get(param, param)
+                master.copy_(weight)
+                for key in ADAM_MOMENTS:
+                    self.optimizer.state[master][key].copy_(view.tensor(name, key))
+            # the working weights the forward reads (bf16 / fp16 copies, or ZeRO's own fp32 ones)
+            if hasattr(param, "ds_id"):  # ZeRO-3: gathered, set on rank 0, re-partitioned
+                with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
+                    if self.rank == 0:
+                        param.data.copy_(weight)
+            else:
+                param.data.copy_(weight)
+        load_scheduler(self.scheduler, view.scheduler)
+        if self.precision == "fp16" and view.loss_scale:
+            self.engine.optimizer.loss_scale = view.loss_scale
+
+    def replicated_masters(self) -> dict[torch.nn.Parameter, torch.Tensor]:
+        """ZeRO-0 in bf16 / fp16 (DeepSpeed's FP16_UnfusedOptimizer): parameter -> its fp32 master
+        copy. Empty where the tensor-fragment API reaches the masters (ZeRO-1/2/3) or the
+        parameters are the masters (ZeRO-0 fp32)."""
+        opt = self.engine.optimizer
+        if self.zero_stage != 0 or not (hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups")):
+            return {}
+        return {p: m for low, high in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(low, high)}
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The fp32 master weights, one tensor at a time (a collective: every rank calls it); the
         whole dict on rank 0 (CPU), None elsewhere."""
         from deepspeed.utils import safe_get_full_fp32_param
 
+        masters = self.replicated_masters()
         state = {}
         for name, param in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(param)  # None without a ZeRO / bf16 optimizer
             if full is None:
-                full = param.detach()
+                full = masters.get(param, param).detach()
             if self.rank == 0:
                 state[name] = full.detach().float().cpu()
         return state if self.rank == 0 else None
