@@ -424,6 +424,14 @@ class DeepSpeedEngine:
             self.optimizer, lr_lambda(total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        # DeepSpeed 0.19 applies the fp16 loss scale in engine.backward only for ZeRO optimizers
+        # (stage >= 1) or a torch GradScaler, yet its stage-0 fp16 optimizers (FP16_Optimizer,
+        # FP16_UnfusedOptimizer) still divide the gradients by that scale in step(): AdamW would
+        # see gradients 2^16 times too small and clipping would never act. Scale the loss here then.
+        self.scale_loss_here = (precision == "fp16" and not isinstance(self.engine.optimizer, ZeROOptimizer)
+                                and getattr(self.engine, "torch_autocast_z0_gradscaler", None) is None)
         self.model = self.engine  # forward through the engine: its hooks gather ZeRO-3 params
         self.attention = model.attention
 
@@ -436,7 +444,10 @@ class DeepSpeedEngine:
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss * self.world_size, scale_wrt_gas=False)  # undo the rank average
+        loss = loss * self.world_size  # undo DeepSpeed's average over ranks
+        if self.scale_loss_here:
+            loss = loss * self.loss_scale()
+        self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> StepResult:
         """DeepSpeed clips and steps; it skips an update whose gradients hold inf / nan (fp16
@@ -455,6 +466,8 @@ class DeepSpeedEngine:
         if norm is None:
             raw = self.engine.get_global_grad_norm()
             norm = float(raw) if raw is not None else float("nan")  # host sync, once per step
+            if self.scale_loss_here:  # the stage-0 fp16 optimizers measure the still-scaled gradients
+                norm /= scale
         applied = self.engine.was_step_applied() and math.isfinite(norm)
         self.scheduler.step()
         return StepResult(norm, applied, scale)
