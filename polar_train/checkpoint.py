@@ -134,9 +134,9 @@ class ModelSource:
         """``get(name) -> tensor``, one tensor at a time (memory ~ one tensor). Opening checks the
         names and shapes against the config (headers only)."""
         if self.path:
-            kind, files = hf._weight_files(Path(self.path))
+            kind, files = hf.weight_files(self.path)
             with ExitStack() as stack:
-                weights = hf._Tensors(kind, files, stack)
+                weights = hf.WeightReader(kind, files, stack)
                 hf.check_tensors(weights.shapes(), self.config, self.path)
                 yield weights.get
             return

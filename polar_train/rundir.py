@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -243,51 +241,11 @@ def check_model_folder(path: str | os.PathLike[str]) -> Any:
     KB per shard; legacy ``.bin`` files are memory-mapped), and compares them with the shapes the
     config implies.
     """
-    from polar_train.model.hf import _weight_files, check_tensors
-    from polar_train.model.internlm2 import ModelConfig
+    from polar_train.model.hf import check_checkpoint_folder, check_tensors, checkpoint_shapes, weight_files
 
-    folder = Path(path)
-    if not folder.exists():
-        raise UserError(folder, "model folder not found (model.path)", "check the path (a Hugging Face checkpoint folder)")
-    if not folder.is_dir():
-        raise UserError(folder, "is not a folder (model.path)", "give the checkpoint folder, not a file inside it")
-    if not (folder / "config.json").is_file():
-        raise UserError(folder, "no config.json in the model folder (model.path)", "expected a Hugging Face checkpoint folder")
-    config = ModelConfig.from_file(folder / "config.json")
-    kind, files = _weight_files(folder)
-    shapes: dict[str, tuple[int, ...]] = {}
-    if kind == "safetensors":
-        for file in files:
-            for name, shape in safetensors_shapes(file).items():
-                if name in shapes:
-                    raise UserError(file, f"tensor '{name}' appears in two weight files", "re-export the checkpoint")
-                shapes[name] = shape
-    else:
-        from polar_train.model.hf import _Tensors
-
-        with ExitStack() as stack:
-            shapes = _Tensors(kind, files, stack).shapes()
+    config = check_checkpoint_folder(path, key="model.path")
+    _, files = weight_files(path)
+    shapes = checkpoint_shapes(path)
     where = str(files[0] if len(files) == 1 else files[0].parent)
     check_tensors(shapes, config, where)
     return config
-
-
-def safetensors_shapes(file: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's header (8-byte length + JSON), nothing else read."""
-    file = Path(file)
-    try:
-        with file.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError("shorter than a header")
-            (size,) = struct.unpack("<Q", head)
-            if size > 100_000_000 or size > file.stat().st_size - 8:
-                raise ValueError(f"header size {size} does not fit the file")
-            header = json.loads(f.read(size))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
-    except OSError as error:
-        raise UserError(file, f"cannot read the weights: {error.strerror or error}", "check the file's permissions") from None
-    except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
-        raise UserError(file, f"is not a valid safetensors file ({error})", "the download may be incomplete: fetch it again") from None

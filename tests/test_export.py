@@ -199,6 +199,39 @@ def test_sharded_index_with_a_missing_shard(tmp_path):
         load_model(out)
 
 
+def test_reading_a_checkpoint_lazily(tmp_path):
+    """The public reader: weight files, header-only shapes (shards and legacy .bin), one tensor at a time."""
+    from contextlib import ExitStack
+
+    base, model = make_base(tmp_path)
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    out = save_model(model, tmp_path / "export", max_shard_size="20KB")
+    kind, files = hf.weight_files(out)
+    assert kind == "safetensors" and len(files) > 1 and files == sorted(out.glob("model-*.safetensors"))
+    assert hf.checkpoint_shapes(out) == expected
+    with ExitStack() as stack:
+        reader = hf.WeightReader(kind, files, stack)
+        assert reader.shapes() == expected
+        assert torch.equal(reader.get("v_head.weight"), state["v_head.weight"])
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    torch.save(dict(state), legacy / "pytorch_model.bin")
+    assert hf.weight_files(legacy) == ("bin", [legacy / "pytorch_model.bin"])
+    assert hf.checkpoint_shapes(legacy) == expected
+
+    assert hf.check_checkpoint_folder(out).hidden_size == 32
+    with pytest.raises(UserError, match=r"model folder not found \(model\.path\)"):
+        hf.check_checkpoint_folder(tmp_path / "nope", key="model.path")
+    with pytest.raises(UserError, match=r"is not a folder \(model\.path\)"):
+        hf.check_checkpoint_folder(files[0], key="model.path")
+    with pytest.raises(UserError, match=r"^[^(]*: is not a folder \(give"):
+        hf.check_checkpoint_folder(files[0])
+    with pytest.raises(UserError, match=r"no config.json in the model folder \(model\.path\)"):
+        hf.check_checkpoint_folder(tmp_path, key="model.path")
+
+
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("500MB") == 500 * 10**6

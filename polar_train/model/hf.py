@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
@@ -82,8 +83,29 @@ def check_tensors(found: Mapping[str, tuple[int, ...]], config: ModelConfig, whe
                             f"{list(expected[name])}", "config.json and the weights disagree")
 
 
-def _weight_files(path: Path) -> tuple[str, list[Path]]:
-    """('safetensors' | 'bin', files) for the checkpoint in ``path``."""
+def check_checkpoint_folder(path: str | os.PathLike[str], key: str | None = None) -> ModelConfig:
+    """``UserError`` unless ``path`` is a folder with ``config.json``; returns that ``ModelConfig``.
+
+    ``key`` is the config key the path came from (``model.path``): the messages then name it.
+    """
+    path = Path(path)
+    noun, tag = ("model folder", f" ({key})") if key else ("checkpoint folder", "")
+    if not path.exists():
+        raise UserError(path, f"{noun} not found{tag}", "check the path (a Hugging Face checkpoint folder)")
+    if not path.is_dir():
+        raise UserError(path, f"is not a folder{tag}", "give the checkpoint folder, not a file inside it")
+    if not (path / "config.json").is_file():
+        raise UserError(path, f"no config.json in the {noun}{tag}", "expected a Hugging Face checkpoint folder")
+    return ModelConfig.from_file(path / "config.json")
+
+
+def weight_files(path: str | os.PathLike[str]) -> tuple[str, list[Path]]:
+    """(``'safetensors'`` | ``'bin'``, weight files) of the checkpoint folder ``path``.
+
+    An index (``model.safetensors.index.json``, then ``pytorch_model.bin.index.json``) wins over a
+    single file; every shard it lists must exist.
+    """
+    path = Path(path)
     for index_name, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
         index = path / index_name
         if index.is_file():
@@ -105,8 +127,15 @@ def _weight_files(path: Path) -> tuple[str, list[Path]]:
                     f"expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}")
 
 
-class _Tensors:
-    """Lazy name -> tensor access over a checkpoint's weight files (memory ~ one tensor)."""
+class WeightReader:
+    """Lazy name -> tensor access over a checkpoint's weight files (memory ~ one tensor).
+
+    The files stay open until ``stack`` closes; ``where`` maps each tensor name to its file's handle.
+
+    >>> with ExitStack() as stack:  # doctest: +SKIP
+    ...     reader = WeightReader(*weight_files("POLAR-7B-Base"), stack)
+    ...     head = reader.get("v_head.weight")  # (1, H)
+    """
 
     def __init__(self, kind: str, files: list[Path], stack: ExitStack) -> None:
         self.where: dict[str, Any] = {}  # name -> open safetensors handle or loaded (mmap'd) dict
@@ -134,6 +163,45 @@ class _Tensors:
         return h.get_tensor(name) if hasattr(h, "get_tensor") else h[name]
 
 
+def safetensors_shapes(file: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header (8-byte length + JSON), nothing else read."""
+    file = Path(file)
+    try:
+        with file.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a header")
+            (size,) = struct.unpack("<Q", head)
+            if size > 100_000_000 or size > file.stat().st_size - 8:
+                raise ValueError(f"header size {size} does not fit the file")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+    except OSError as error:
+        raise UserError(file, f"cannot read the weights: {error.strerror or error}", "check the file's permissions") from None
+    except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
+        raise UserError(file, f"is not a valid safetensors file ({error})", "the download may be incomplete: fetch it again") from None
+
+
+def checkpoint_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the checkpoint folder ``path``, without reading weights.
+
+    Safetensors: the headers only (a few KB per shard); legacy ``.bin`` files are memory-mapped.
+    """
+    kind, files = weight_files(path)
+    if kind != "safetensors":
+        with ExitStack() as stack:
+            return WeightReader(kind, files, stack).shapes()
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        for name, shape in safetensors_shapes(file).items():
+            if name in shapes:
+                raise UserError(file, f"tensor '{name}' appears in two weight files", "re-export the checkpoint")
+            shapes[name] = shape
+    return shapes
+
+
 def load_model(path: str | Path, attention: str = "sdpa", dtype: torch.dtype | None = torch.float32,
                device: torch.device | str = "cpu", gradient_checkpointing: bool = False, *,
                allow_missing_v_head: bool = False, v_head_seed: int = 0) -> InternLM2RewardModel:
@@ -146,19 +214,13 @@ def load_model(path: str | Path, attention: str = "sdpa", dtype: torch.dtype | N
     time, cast and moved, so peak memory stays about one model.
     """
     path = Path(path)
-    if not path.exists():
-        raise UserError(path, "checkpoint folder not found", "check the path (a Hugging Face model folder)")
-    if not path.is_dir():
-        raise UserError(path, "is not a folder", "pass the checkpoint folder, not a file inside it")
-    if not (path / "config.json").is_file():
-        raise UserError(path, "no config.json in the checkpoint folder", "expected a Hugging Face model folder")
-    config = ModelConfig.from_file(path / "config.json")
+    config = check_checkpoint_folder(path)
     device = torch.device(device)
     if dtype is not None:
         attention = resolve_attention(attention, device, dtype)
-    kind, files = _weight_files(path)
+    kind, files = weight_files(path)
     with ExitStack() as stack:
-        tensors = _Tensors(kind, files, stack)
+        tensors = WeightReader(kind, files, stack)
         where = str(files[0].parent / (SAFE_INDEX if len(files) > 1 and kind == "safetensors" else files[0].name))
         check_tensors(tensors.shapes(), config, where, allow_missing_v_head=allow_missing_v_head)
         with torch.device("meta"):
