@@ -432,8 +432,32 @@ class DeepSpeedEngine:
         # see gradients 2^16 times too small and clipping would never act. Scale the loss here then.
         self.scale_loss_here = (precision == "fp16" and not isinstance(self.engine.optimizer, ZeROOptimizer)
                                 and getattr(self.engine, "torch_autocast_z0_gradscaler", None) is None)
+        self.undo_phantom_step()
         self.model = self.engine  # forward through the engine: its hooks gather ZeRO-3 params
         self.attention = model.attention
+
+    @torch.no_grad()
+    def undo_phantom_step(self) -> None:
+        """DeepSpeed 0.19's stage-0 fp16 optimizers (FP16_UnfusedOptimizer, FP16_Optimizer) run
+        ``initialize_optimizer_states`` when built: one real ``optimizer.step()`` on zero gradients.
+        For AdamW that step counts (state step = 1 before any training, so every later bias
+        correction is one step ahead: the first update is ~0.74x as large with betas (0.9, 0.95))
+        and applies weight decay once to the fp32 masters. ZeRO-1/2/3 and bf16 create the state
+        lazily at the first real step. Undo it: empty the AdamW state (created again at the first
+        step, as everywhere else) and copy the masters back from the fp16 weights they were cloned
+        from (exact). Without this ZeRO-0 fp16 drifts from ZeRO-2 fp16 from step 2 on."""
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        if self.precision != "fp16" or isinstance(self.engine.optimizer, ZeROOptimizer):
+            return
+        masters = self.replicated_masters()
+        if not masters and self.optimizer.state:
+            raise TrainingError("deepspeed", f"{type(self.engine.optimizer).__name__} stepped the optimizer at "
+                                "build time and its fp32 masters cannot be reached to undo it",
+                                "use deepspeed.zero_stage=2 or train.precision=bf16")
+        for low, high in masters.items():
+            high.copy_(low)
+        self.optimizer.state.clear()
 
     def autocast(self):
         return contextlib.nullcontext()  # DeepSpeed keeps the parameters in bf16 / fp16 itself
