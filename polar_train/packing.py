@@ -235,15 +235,20 @@ class StepPlanner:
         self.max_tokens = max_tokens
         self.num_ranks = num_ranks
         self.seed = seed
+        self._order: tuple[int, list[int]] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.costs) / self.pairs_per_step)
 
     def epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.costs)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        """The epoch's seeded shuffle of all pair ids (kept for the current epoch: every step of
+        it reads this order, and reshuffling a million pairs per step would cost a second)."""
+        if self._order is None or self._order[0] != epoch:
+            order = list(range(len(self.costs)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
 
     def step_pairs(self, epoch: int, step_in_epoch: int) -> list[int]:
         s = step_in_epoch * self.pairs_per_step
