@@ -291,12 +291,3 @@ def pack_step(
         got = [filler_pair() if i == FILLER else pairs[i] for i in bin_ids]
         out.append(build_micro_batch(got, shared_prefix=shared_prefix, pair_ids=bin_ids, share_max_len=share_max_len))
     return out
-
-
-def pack_in_order(
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_tokens: int, shared_prefix: bool, share_max_len: int | None = None
-) -> list[MicroBatch]:
-    """Evaluation/scoring packing: all pairs once, best-fit decreasing, no shuffling, one rank."""
-    costs = [pair_cost(c, r, shared_prefix, share_max_len) for c, r in pairs]
-    bins = best_fit_decreasing(list(range(len(pairs))), costs, max_tokens)
-    return pack_step(bins, pairs, shared_prefix=shared_prefix, share_max_len=share_max_len)

@@ -46,3 +46,28 @@ def tiny_tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_tokenizer(tiny_tokenizer_path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer in ``tiny_tokenizer_path``, loaded the way training loads one."""
     return load_tokenizer(tiny_tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def sharp_tiny_model(demo_tokenizer: PreTrainedTokenizerBase):
+    """Factory: a tiny random reward model sized to the demo tokenizer, its 2-D weights scaled x8
+    over the 0.02 init so that rewards differ clearly from sequence to sequence."""
+    import torch
+
+    from polar_train.model import InternLM2RewardModel, ModelConfig
+    from polar_train.tokenizer import special_token_ids
+
+    def build(*, seed: int, num_layers: int = 2, intermediate_size: int = 64):
+        config = ModelConfig.fresh(hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=intermediate_size,
+                                   vocab_size=len(demo_tokenizer),
+                                   reward_token_id=special_token_ids(demo_tokenizer, None)[1])
+        model = InternLM2RewardModel(config)
+        model.init_weights(seed)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2:
+                    param.mul_(8.0)
+        return model
+
+    return build

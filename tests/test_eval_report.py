@@ -12,7 +12,6 @@ import torch
 from polar_train.cli import main
 from polar_train.evaluate import pair_report, pair_rewards, reward_summary, write_report
 from polar_train.model import InternLM2RewardModel, ModelConfig, VarlenMeta, save_model
-from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LONG = "The answer is 12. " * 8
@@ -97,19 +96,10 @@ def test_write_report_without_plots_and_with_nan(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported_model(tmp_path_factory, repo_root) -> Path:
+def exported_model(tmp_path_factory, repo_root, sharp_tiny_model) -> Path:
     """A tiny random model exported with save_model, the demo tokenizer copied from its folder."""
+    model = sharp_tiny_model(seed=5)
     tokenizer_dir = repo_root / "data" / "tokenizer"
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = ModelConfig.fresh(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=64, vocab_size=len(tokenizer),
-                               reward_token_id=special_token_ids(tokenizer, None)[1])
-    model = InternLM2RewardModel(config)
-    model.init_weights(seed=5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
     return save_model(model, tmp_path_factory.mktemp("eval") / "hf", base_dir=tokenizer_dir)
 
 

@@ -246,21 +246,9 @@ def test_parse_size():
 # --- fidelity to a sharded base with remote code, and the additions ----------------------------
 
 
-def make_sharded_base(root: Path, tokenizer_dir: Path) -> Path:
+def make_sharded_base(root: Path, tokenizer_dir: Path, model: InternLM2RewardModel) -> Path:
     """A base folder as published checkpoints look: two shards + index (split by hand), remote-code
     *.py files and ``auto_map``, extra config keys, the tokenizer, a README of its own."""
-    from polar_train.tokenizer import load_tokenizer, special_token_ids
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    cfg = ModelConfig.fresh(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                            intermediate_size=128, vocab_size=len(tokenizer),
-                            reward_token_id=special_token_ids(tokenizer, None)[1])
-    model = InternLM2RewardModel(cfg)
-    model.init_weights(seed=3)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
     base = root / "POLAR-tiny-Base"
     base.mkdir()
     state = model.state_dict()
@@ -272,7 +260,7 @@ def make_sharded_base(root: Path, tokenizer_dir: Path) -> Path:
     index = {"metadata": {"total_size": 4 * sum(t.numel() for t in state.values())},
              "weight_map": {k: file for file, names in shards.items() for k in names}}
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
-    (base / "config.json").write_text(json.dumps({**cfg.raw, "custom_key": [1], "transformers_version": "4.49.0"}))
+    (base / "config.json").write_text(json.dumps({**model.config.raw, "custom_key": [1], "transformers_version": "4.49.0"}))
     for name in REMOTE_CODE:
         (base / name).write_text(f"# fake {name}\n")
     for f in tokenizer_dir.iterdir():
@@ -281,13 +269,14 @@ def make_sharded_base(root: Path, tokenizer_dir: Path) -> Path:
     return base
 
 
-def test_export_keeps_the_base_layout_and_rewards(tmp_path, repo_root):
+def test_export_keeps_the_base_layout_and_rewards(tmp_path, repo_root, sharp_tiny_model):
     import yaml
 
     from polar_train.scoring import score_rows
     from polar_train.tokenizer import load_tokenizer
 
-    base = make_sharded_base(tmp_path, repo_root / "data" / "tokenizer")
+    base = make_sharded_base(tmp_path, repo_root / "data" / "tokenizer",
+                             sharp_tiny_model(seed=3, num_layers=3, intermediate_size=128))
     model = load_model(base)
     sizes = [t.numel() * 4 for t in model.state_dict().values()]
     training_config = {"model": {"path": base}, "train": {"lr": 1e-5, "betas": (0.9, 0.95)}}

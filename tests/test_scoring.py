@@ -15,10 +15,10 @@ from polar_train.cli import main
 from polar_train.data import encode_candidates, flatten_text
 from polar_train.errors import UserError
 from polar_train.evaluate import split_group
-from polar_train.model import InternLM2RewardModel, ModelConfig, VarlenMeta
+from polar_train.model import VarlenMeta
 from polar_train.packing import group_cost
 from polar_train.scoring import ScoreStats, load_scorer, read_rows, score_file, score_rows
-from polar_train.tokenizer import load_tokenizer, special_token_ids
+from polar_train.tokenizer import special_token_ids
 
 MAX_LENGTH, MAX_RESPONSE = 64, 32
 ADDED = ["prompt_truncated", "response_truncated", "skip_reason"]
@@ -47,20 +47,10 @@ PAIR_ROWS = [
 ]
 
 
-def build_checkpoint(folder: Path, tokenizer_dir: Path, seed: int = 1) -> Path:
-    """A tiny random checkpoint in the fixture's layout: config.json, model.safetensors, tokenizer files."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    _, reward_id = special_token_ids(tokenizer, None)
-    config = ModelConfig.fresh(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               intermediate_size=64, vocab_size=len(tokenizer), reward_token_id=reward_id)
-    model = InternLM2RewardModel(config)
-    model.init_weights(seed)
-    with torch.no_grad():  # larger weights than the 0.02 init: rewards then differ clearly per sequence
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(8.0)
+def build_checkpoint(folder: Path, tokenizer_dir: Path, model) -> Path:
+    """A checkpoint in the fixture's layout: config.json, model.safetensors, tokenizer files."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.raw, indent=2))
+    (folder / "config.json").write_text(json.dumps(model.config.raw, indent=2))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, folder / f.name)
@@ -68,8 +58,9 @@ def build_checkpoint(folder: Path, tokenizer_dir: Path, seed: int = 1) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, repo_root) -> Path:
-    return build_checkpoint(tmp_path_factory.mktemp("score") / "ckpt", repo_root / "data" / "tokenizer")
+def checkpoint(tmp_path_factory, repo_root, sharp_tiny_model) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("score") / "ckpt", repo_root / "data" / "tokenizer",
+                            sharp_tiny_model(seed=1))
 
 
 @pytest.fixture(scope="module")
