@@ -1,64 +1,62 @@
-"""Where the weights come from, training checkpoints (save / resume), the HF export, ``convert``.
+"""Training checkpoints: save and resume. Data, never code: safetensors and JSON only.
 
 A run's output directory::
 
     output_dir/
       checkpoints/
-        step-40/                 one checkpoint; it counts only once COMPLETE exists
-          COMPLETE               written last ({"step": 40}); a step-N without it is ignored
-          trainer_state.json     step, the launch (engine, ranks, ZeRO stage, precision, offload),
-                                 export dtype, metrics to continue
-          config.yaml            the resolved run config
-          model_files/           config.json + tokenizer + remote-code *.py: convert needs no base folder
-          metrics.jsonl          the run's metrics up to this step (restored on resume)
-          rng/rank-00000.pt      RNG states, one file per rank
-          model.pt, optimizer.pt             TorchEngine
-          deepspeed/, scheduler.pt           DeepSpeedEngine (save_checkpoint: ZeRO partitions per rank)
-        .tmp-step-50/            a save in progress (or one a crash interrupted: ignored, removed)
-      hf/                        the final export (HF layout, SPEC 4)
+        step-40/                   one checkpoint; it counts only once COMPLETE exists
+          COMPLETE                 written last ({"step": 40}); a step-N without it is ignored
+          trainer_state.json       format, step, total_steps, AdamW step, fp16 loss scale, the launch
+                                   (engine, ranks, ZeRO stage, precision, offload), export dtype,
+                                   metrics to continue, and every state file with its size in bytes
+          state-00001.safetensors  per parameter NAME: "fp32/<name>" (master weight), "exp_avg/<name>",
+          ...                      "exp_avg_sq/<name>" (AdamW moments); shards of at most ~2 GB
+          rng/rank-00000.safetensors   RNG states, one file per rank
+          config.yaml              the resolved run config
+          model_files/             config.json + tokenizer + remote-code *.py: convert needs no base folder
+          metrics.jsonl            the run's metrics up to this step (restored on resume)
+        .tmp-step-50/              a save in progress (or one a crash interrupted: ignored, removed)
+      hf/                          the final export (HF layout, SPEC 4)
 
-Saving writes into ``.tmp-step-N``, fsyncs every file, renames it to ``step-N`` and only then
-writes ``COMPLETE``: a crash at any point leaves the previous checkpoint as the latest one.
+Every engine writes the same files: it hands over each parameter's fp32 master and moments,
+whole, one parameter at a time (``Engine.named_state``: DeepSpeed's tensor-fragment API under
+ZeRO), and rank 0 writes them, one shard at a time. So a checkpoint resumes on ANY launch (16 GPUs
+-> 8, ZeRO-2 -> ZeRO-3, DeepSpeed -> one plain process and back) and sets every master weight,
+both AdamW moments and the AdamW step exactly. The LR is a function of (step, total_steps)
+(engine/schedule.py): nothing of it is saved but ``total_steps``. The data position is the step
+alone: the pairs of a step are a function of (seed, epoch, step), whatever the number of ranks.
+RNG states are per rank: rank r restores the state rank r saved, ranks the saved run did not have
+are seeded from (step, rank); nothing in training draws random numbers after the model's init.
 
-Resuming: a run launched like the one that saved (engine, number of ranks, ZeRO stage, precision,
-offload) reads back each rank's own files, bitwise. Any other launch (16 GPUs -> 8, ZeRO-2 ->
-ZeRO-3, DeepSpeed -> one plain process and back) reads the checkpoint by parameter name
-(``PortableState``: ZeRO partitions stitched together on read, nothing extra written at save
-time) and sets every fp32 master weight, both AdamW moments and the AdamW step exactly; the LR
-schedule comes along. The data position is the step alone: the pairs of a step are a function of
-(seed, epoch, step), whatever the number of ranks (``packing.StepPlanner.step_pairs``), so a
-step covers the same global pairs on any launch. RNG states are per rank and do not map across
-world sizes: rank r restores the state rank r saved, ranks the saved run did not have are seeded
-from (step, rank). Nothing in training draws random numbers after the model's init (no dropout),
-so this changes no result.
+Saving writes ``.tmp-step-N``, fsyncs it, renames it ``step-N``, then writes ``COMPLETE``: a crash
+at any point leaves the previous checkpoint the latest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
-import math
 import os
-import random
 import re
 import shutil
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from polar_train.config import Config, ModelSection, save_config, to_dict
-from polar_train.engine import ADAM_MOMENTS, import_deepspeed
+from polar_train.config import Config, save_config
+from polar_train.engine.dist import Dist
+from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
+from polar_train.engine.schedule import ScheduleSettings, lr_at
 from polar_train.errors import TrainingError, UserError
-from polar_train.model import InternLM2RewardModel, ModelConfig, load_model, resolve_attention, save_state_dict
 from polar_train.model import hf
-from polar_train.tokenizer import load_tokenizer, special_token_ids
+from polar_train.model.build import ModelSource, export_dtype
+from polar_train.rng import rng_state, seed_rng, set_rng_state
 
 log = logging.getLogger("polar_train")
 
@@ -67,111 +65,9 @@ COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
 MODEL_FILES = "model_files"
 METRICS_FILE = "metrics.jsonl"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: pickled torch / DeepSpeed files (polar-train 0.1), no longer read
+SHARD_BYTES = 2 * 1024**3  # a state shard holds at most this much (a larger tensor gets one of its own)
 _STEP_DIR = re.compile(r"step-(\d+)")
-
-
-# ---------------------------------------------------------------------------------------------
-# The starting weights
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSource:
-    """The model's config and where its starting weights come from: the base HF folder
-    ``model.path``, or a fresh init of ``model.fresh``'s shape drawn from ``seed``."""
-
-    config: ModelConfig
-    files_dir: Path  # tokenizer + *.py copied into exports: the base folder or the fresh tokenizer
-    path: str = ""  # base HF folder; "" = fresh
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, model: ModelSection, seed: int) -> "ModelSource":
-        if model.path:
-            path = Path(model.path)
-            if not (path / "config.json").is_file():
-                raise UserError("model.path", f"{path} is not a Hugging Face model folder (no config.json)",
-                                "give the folder of a POLAR base checkpoint")
-            if model.fresh.tokenizer:
-                log.info("model.path is set: the fresh-model shape (model.fresh) is not used")
-            return cls(ModelConfig.from_file(path / "config.json"), path, str(path), seed)
-        fresh = model.fresh
-        tokenizer = load_tokenizer(fresh.tokenizer)
-        _, reward_id = special_token_ids(tokenizer, None)
-        config = ModelConfig.fresh(
-            vocab_size=len(tokenizer), hidden_size=fresh.hidden_size,
-            num_hidden_layers=fresh.num_layers, num_attention_heads=fresh.num_heads,
-            num_key_value_heads=fresh.num_kv_heads, intermediate_size=fresh.intermediate_size,
-            max_position_embeddings=fresh.max_position_embeddings, rope_theta=fresh.rope_theta,
-            reward_token_id=reward_id,
-        )
-        return cls(config, Path(fresh.tokenizer), "", seed)
-
-    def build(self, model: ModelSection, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, *,
-              load_weights: bool = True, partitioned: bool = False) -> InternLM2RewardModel:
-        """The whole model on ``device`` in ``dtype``. ``load_weights=False``: uninitialised memory
-        (a checkpoint overwrites it); ``partitioned``: plain construction inside ``zero.Init``."""
-        attention = resolve_attention(model.attention, device, compute_dtype)
-        ckpt = model.gradient_checkpointing
-        if partitioned:
-            return InternLM2RewardModel(self.config, attention, ckpt)
-        if not load_weights:
-            with torch.device("meta"):
-                empty = InternLM2RewardModel(self.config, attention, ckpt)
-            return empty.to_empty(device=device).to(dtype)
-        if self.path:
-            loaded = load_model(self.path, attention="sdpa", dtype=dtype, device=device, gradient_checkpointing=ckpt)
-            loaded.attention = attention  # resolved for the compute dtype (autocast), not the storage one
-            return loaded
-        fresh = InternLM2RewardModel(self.config, attention, ckpt)
-        fresh.init_weights(self.seed)
-        log.info("fresh model: %.2fM parameters", sum(p.numel() for p in fresh.parameters()) / 1e6)
-        return fresh.to(device=device, dtype=dtype)
-
-    @contextlib.contextmanager
-    def tensors(self) -> Iterator[Callable[[str], torch.Tensor]]:
-        """``get(name) -> tensor``, one tensor at a time (memory ~ one tensor). Opening checks the
-        names and shapes against the config (headers only)."""
-        if self.path:
-            kind, files = hf.weight_files(self.path)
-            with ExitStack() as stack:
-                weights = hf.WeightReader(kind, files, stack)
-                hf.check_tensors(weights.shapes(), self.config, self.path)
-                yield weights.get
-            return
-        fresh: dict[str, torch.Tensor] = {}
-
-        def get(name: str) -> torch.Tensor:
-            if not fresh:  # fresh models are small (demo, tests): build it whole, once, on first use
-                model = InternLM2RewardModel(self.config)
-                model.init_weights(self.seed)
-                fresh.update(model.state_dict())
-            return fresh[name]
-
-        yield get
-
-
-def export_dtype(setting: str, config: ModelConfig) -> str:
-    """``train.export_dtype`` resolved: ``auto`` = the base checkpoint's dtype (float32 if fresh)."""
-    if setting != "auto":
-        return setting
-    base = config.raw.get("torch_dtype") or config.raw.get("dtype")
-    return base if base in ("float32", "bfloat16", "float16") else "float32"
-
-
-def export_hf(engine, source: ModelSource, cfg: Config, out_dir: Path, eval_report: dict | None = None) -> None:
-    """The final HF folder: the fp32 master weights gathered (every rank), written by rank 0."""
-    state = engine.full_state_dict()
-    if engine.rank == 0:
-        save_state_dict(state, source.config, out_dir, base_dir=source.files_dir,
-                        dtype=getattr(torch, export_dtype(cfg.train.export_dtype, source.config)),
-                        training_config=to_dict(cfg), eval_report=eval_report)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -179,13 +75,18 @@ class TrainerState:
     """What the loop needs to continue besides the engine: the next step and running figures."""
 
     step: int = 0  # optimizer steps done
+    total_steps: int = 0  # the run's length: the LR schedule's end (engine/schedule.py)
     bad_in_a_row: int = 0  # consecutive non-finite steps
     last_train: dict[str, Any] = field(default_factory=dict)
     last_eval: dict[str, Any] = field(default_factory=dict)
     eval_report: dict[str, Any] | None = None  # evaluate.pair_report of the last eval (the export's model card)
 
 
-def save_checkpoint(engine, dist, out: Path, state: TrainerState, cfg: Config, source: ModelSource) -> Path:
+# --- saving ----------------------------------------------------------------------------------
+
+
+def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, cfg: Config,
+                    source: ModelSource) -> Path:
     """Write ``out/checkpoints/step-N`` (every rank calls this) and prune old ones; returns the path.
 
     A failed write (disk full, permissions) removes the partial folder and raises a
@@ -203,22 +104,23 @@ def save_checkpoint(engine, dist, out: Path, state: TrainerState, cfg: Config, s
         return TrainingError(final, f"checkpoint could not be written: {what}",
                              f"free disk space or fix permissions under {root}; {keep}")
 
+    error: OSError | None = None
     if dist.rank == 0:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         except OSError as e:
-            raise failed(e) from e
-    dist.barrier()
+            error = e
+    if dist.any_rank(error is not None):
+        raise failed(error or OSError(errno.EIO, "rank 0 could not create the checkpoint folder"))
+    shards = ShardWriter(tmp) if dist.rank == 0 else None
     try:
-        engine.save_state(tmp)  # DeepSpeed: a collective; a rank failing here stops, torchrun stops the rest
-    except OSError as e:
-        raise failed(e) from e
-    error = None
-    try:
-        torch.save(rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.pt")
-        if dist.rank == 0:
-            _write_run_files(tmp, out, state, cfg, source, engine)
+        for name, tensors in engine.named_state():  # DeepSpeed: a collective, every rank iterates
+            if shards is not None and tensors is not None:
+                shards.add(name, tensors)
+        save_file(rng_state(), str(tmp / "rng" / f"rank-{dist.rank:05d}.safetensors"))
+        if shards is not None:
+            _write_run_files(tmp, out, state, cfg, source, engine, shards.close())
         dist.barrier()
         if dist.local_rank == 0:  # the page cache is per machine: one rank per machine flushes it
             _fsync_tree(tmp)
@@ -241,30 +143,54 @@ def save_checkpoint(engine, dist, out: Path, state: TrainerState, cfg: Config, s
     return final
 
 
+class ShardWriter:
+    """Collects tensors and writes a ``state-NNNNN.safetensors`` file whenever the next one would
+    take it over ``limit`` bytes: memory stays about one shard."""
+
+    def __init__(self, folder: Path, limit: int = SHARD_BYTES):
+        self.folder, self.limit = folder, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.files: dict[str, int] = {}  # file name -> size in bytes
+
+    def add(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + nbytes > self.limit:
+            self._flush()
+        self.pending.update({f"{key}/{name}": t.contiguous() for key, t in tensors.items()})
+
+    def _flush(self) -> None:
+        path = self.folder / f"state-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files[path.name] = path.stat().st_size
+        self.pending = {}
+
+    def close(self) -> dict[str, int]:
+        if self.pending or not self.files:
+            self._flush()
+        return self.files
+
+
 def _write_run_files(folder: Path, out: Path, state: TrainerState, cfg: Config, source: ModelSource,
-                     engine) -> None:
+                     engine: Engine, state_files: dict[str, int]) -> None:
     meta = {
         "format": FORMAT_VERSION,
         **asdict(state),
-        **engine.launch,  # engine, world_size, zero_stage, precision, offload_optimizer, offload_params
+        "adam_step": engine.adam_step,
+        "loss_scale": engine.loss_scale,
+        **launch_of(engine),  # engine, world_size, zero_stage, precision, offload_optimizer, offload_params
         "export_dtype": export_dtype(cfg.train.export_dtype, source.config),
         "base_model": source.path or None,
+        "state_files": state_files,
     }
     (folder / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     save_config(cfg, folder / "config.yaml")
     files = folder / MODEL_FILES
     files.mkdir()
     (files / "config.json").write_text(json.dumps(source.config.raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    for f in _side_files(source.files_dir):
+    for f in sorted({f for pattern in ("*.py", *hf.SIDE_FILES) for f in source.files_dir.glob(pattern) if f.is_file()}):
         shutil.copy2(f, files / f.name)
     if (out / METRICS_FILE).is_file():
         shutil.copy2(out / METRICS_FILE, folder / METRICS_FILE)
-
-
-def _side_files(folder: Path) -> list[Path]:
-    """The files an export copies from the base folder (hf.SIDE_FILES and every ``*.py``)."""
-    found = {f for pattern in ("*.py", *hf.SIDE_FILES) for f in folder.glob(pattern) if f.is_file()}
-    return sorted(found)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -303,32 +229,7 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding and loading
-# ---------------------------------------------------------------------------------------------
+# --- finding and checking ----------------------------------------------------------------------
 
 
 def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -369,7 +270,8 @@ def resolve_checkpoint(path: str | Path, where: str) -> Path:
 
 
 def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint ``train.resume`` asks for: ``auto`` = the latest complete one (or none)."""
+    """The checkpoint ``train.resume`` asks for (``auto`` = the latest complete one, or none),
+    checked file by file (``check_checkpoint``) before any heavy work. Rank 0 decides."""
     out = Path(cfg.output_dir)
     if cfg.train.resume == "never":
         earlier = latest_checkpoint(out)
@@ -378,70 +280,159 @@ def find_resume(cfg: Config) -> Path | None:
                             f"(latest {earlier.name})", "continue it with train.resume=auto, delete that folder, "
                             "or choose another output_dir")
         return None
-    if cfg.train.resume == "auto":
-        return latest_checkpoint(out)
-    return resolve_checkpoint(cfg.train.resume, "train.resume")
+    ckpt = latest_checkpoint(out) if cfg.train.resume == "auto" else resolve_checkpoint(cfg.train.resume, "train.resume")
+    if ckpt is not None:
+        check_checkpoint(ckpt)
+    return ckpt
+
+
+def damaged(path: Path, ckpt: Path, what: str) -> UserError:
+    """The one line for a damaged checkpoint file: what is wrong and which other step to use."""
+    others = [p for _, p in complete_checkpoints(ckpt.parent.parent) if p.resolve() != ckpt.resolve()]
+    fix = f"use another step: {others[-1]}" if others else "the checkpoint is damaged: use another step, or start again"
+    return UserError(path, what, f"it was damaged or is still being copied; {fix}")
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / STATE_FILE
     try:
-        meta = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(ckpt / STATE_FILE, f"cannot be read ({e})", "the checkpoint is damaged: use another step") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise UserError(ckpt / STATE_FILE, f"has format {meta.get('format')!r}, expected {FORMAT_VERSION}",
-                        "written by another polar-train version")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(path, ckpt, f"cannot be read ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict):
+        raise damaged(path, ckpt, "is not a JSON object")
+    if meta.get("format") == 1:
+        pickled = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*.pt"))[:3]
+        raise UserError(ckpt, f"is a format-1 checkpoint of polar-train 0.1 (pickled files: {', '.join(pickled)}), "
+                        "which this version does not read: unpickling can run code",
+                        "resume or convert it with polar-train 0.1 if you trust it, or start the run again")
+    missing = sorted({"format", "state_files", *(f.name for f in fields(TrainerState))} - meta.keys())
+    if meta.get("format") != FORMAT_VERSION or missing:
+        raise damaged(path, ckpt, f"is not a format-{FORMAT_VERSION} polar-train checkpoint state "
+                      f"(format {meta.get('format')!r}{', missing ' + ', '.join(missing) if missing else ''})")
     return meta
 
 
-def describe_launch(launch: dict[str, Any]) -> str:
-    """``2 rank(s), deepspeed ZeRO-2, bf16, optimizer offload``."""
-    what = f"{launch['world_size']} rank(s), {launch['engine']}"
-    if launch["engine"] == "deepspeed":
-        what += f" ZeRO-{launch['zero_stage']}"
-    what += f", {launch['precision']}"
-    offload = [k.split("_")[1] for k in ("offload_optimizer", "offload_params") if launch.get(k)]
-    return what + (f", {' + '.join(offload)} offload" if offload else "")
+def _open_safetensors(path: Path, ckpt: Path, size: int | None = None) -> Any:
+    """``safe_open`` of a checkpoint file (headers only), or the one line naming what is wrong."""
+    if not path.is_file():
+        raise damaged(path, ckpt, "is missing from the checkpoint")
+    if size is not None and path.stat().st_size != size:
+        raise damaged(path, ckpt, f"holds {path.stat().st_size} bytes, the checkpoint wrote {size}")
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own SafetensorError on any malformed file
+        raise damaged(path, ckpt, f"is not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
-def seed_rng(seed: int) -> None:
-    import numpy as np
+def check_checkpoint(ckpt: Path) -> dict[str, Any]:
+    """Read ``trainer_state.json`` and check every state and RNG file (present, the size written,
+    a safetensors header): a damaged or tampered checkpoint stops here with one line, before
+    any heavy work. Returns the state."""
+    meta = read_meta(ckpt)
+    for name, size in meta["state_files"].items():
+        _open_safetensors(ckpt / name, ckpt, size)
+    for rank in range(meta["world_size"]):
+        _open_safetensors(ckpt / "rng" / f"rank-{rank:05d}.safetensors", ckpt)
+    return meta
 
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
+
+# --- loading ----------------------------------------------------------------------------------
 
 
-def fresh_state(dist, out: Path) -> TrainerState:
+class CheckpointState:
+    """A checkpoint's training state by parameter name (``engine.protocol.NamedState``), read
+    one tensor at a time from the memory-mapped shards::
+
+        state = CheckpointState(ckpt, check_checkpoint(ckpt))
+        state.tensor("v_head.weight", "fp32")     # [1, H] float32, the master weight
+        state.tensor("v_head.weight", "exp_avg")  # [1, H] float32; "exp_avg_sq" likewise
+    """
+
+    def __init__(self, ckpt: Path, meta: Mapping[str, Any]):
+        self.ckpt = ckpt
+        self.adam_step: int = meta["adam_step"]
+        self.loss_scale: float | None = meta["loss_scale"]
+        self.files = {name: _open_safetensors(ckpt / name, ckpt) for name in meta["state_files"]}
+        self.where = {key: name for name, f in self.files.items() for key in f.keys()}  # "fp32/<name>" -> file
+        self.shapes = {key.split("/", 1)[1]: torch.Size(self.files[name].get_slice(key).get_shape())
+                       for key, name in self.where.items() if key.startswith("fp32/")}
+
+    def tensor(self, name: str, key: str) -> torch.Tensor:
+        where = f"{key}/{name}"
+        if key not in STATE_KEYS or where not in self.where:
+            raise damaged(self.ckpt / STATE_FILE, self.ckpt, f"its state files hold no {where}")
+        return self.files[self.where[where]].get_tensor(where).float()
+
+    def check(self, shapes: Mapping[str, torch.Size]) -> None:
+        """The model being resumed has exactly these trainable parameters, of these shapes."""
+        saved = {n: s for n, s in self.shapes.items() if f"exp_avg/{n}" in self.where}  # trainable ones
+        missing, extra = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
+        wrong = [f"{n} {tuple(saved[n])} != {tuple(s)}" for n, s in shapes.items()
+                 if n in saved and tuple(saved[n]) != tuple(s)]
+        if missing or extra or wrong:
+            found = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in
+                              (("missing", missing), ("unexpected", extra), ("shape", wrong)) if names)
+            raise UserError(self.ckpt, f"does not hold this model's parameters ({found})",
+                            "resume with the model config that wrote it (its config.yaml)")
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """name -> fp32 master weight, each read on access (convert)."""
+        return _Weights(self)
+
+
+class _Weights(Mapping):
+    def __init__(self, state: CheckpointState):
+        self.state = state
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.state.tensor(name, "fp32")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.state.shapes)
+
+    def __len__(self) -> int:
+        return len(self.state.shapes)
+
+
+def fresh_state(dist: Dist, out: Path, total_steps: int) -> TrainerState:
     """Step 0: a metrics.jsonl left by an earlier run in ``out`` is removed, not appended to."""
     if dist.rank == 0 and (out / METRICS_FILE).exists():
         (out / METRICS_FILE).unlink()
-    return TrainerState()
+    return TrainerState(total_steps=total_steps)
 
 
-def load_checkpoint(engine, dist, ckpt: Path, out: Path) -> TrainerState:
-    """Restore the engine (by parameter name if another launch wrote ``ckpt``: see the module
-    docstring), this rank's RNG and (rank 0) metrics.jsonl; returns the loop's state.
+def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_steps: int,
+                    schedule: ScheduleSettings) -> TrainerState:
+    """Restore the engine by parameter name (any launch: see the module docstring), this rank's
+    RNG and (rank 0) metrics.jsonl; returns the loop's state, running to ``total_steps``.
 
+    A resume with another total (``train.max_steps`` / ``train.epochs`` changed) continues with
+    one warning naming old -> new total and the LR at the resume step before -> after: the
+    schedule is a function of (step, total), so from here on it follows the new total's curve.
     Later checkpoints of ``out`` (a resume from an earlier step) are removed: training from here
     rewrites those steps, and ``train.resume=auto`` must not pick the abandoned ones.
     """
-    meta = read_meta(ckpt)
-    saved = {key: meta.get(key, False) for key in engine.launch}  # older checkpoints: no offload keys
-    if saved == engine.launch:
-        engine.load_state(ckpt)  # each rank reads back its own files
-    else:
+    meta = check_checkpoint(ckpt)
+    saved = {key: meta[key] for key in launch_of(engine)}
+    if saved != launch_of(engine):
         log.info("%s was written by %s; this run has %s: restoring it by parameter name", ckpt,
-                 describe_launch(saved), describe_launch(engine.launch))
-        engine.load_portable(read_portable(ckpt, meta))
+                 describe_launch(saved), describe_launch(launch_of(engine)))
+    engine.load_named_state(CheckpointState(ckpt, meta))
     if dist.rank < meta["world_size"]:
-        set_rng_state(torch.load(ckpt / "rng" / f"rank-{dist.rank:05d}.pt", weights_only=False))
+        rng = _open_safetensors(ckpt / "rng" / f"rank-{dist.rank:05d}.safetensors", ckpt)
+        set_rng_state({key: rng.get_tensor(key) for key in rng.keys()})
     else:  # a rank the saved run did not have (see the module docstring)
         seed_rng((meta["step"] * 1_000_003 + dist.rank) % 2**32)
+    step, old_total = meta["step"], meta["total_steps"]
+    if old_total != total_steps and dist.rank == 0:
+        log.warning("resuming %s with another length: %d -> %d steps (train.max_steps / train.epochs changed); "
+                    "the LR schedule now follows the %d-step curve: LR at step %d %.4g -> %.4g", ckpt, old_total,
+                    total_steps, total_steps, step, lr_at(step, old_total, schedule), lr_at(step, total_steps, schedule))
     if dist.rank == 0:
-        for step, path in complete_checkpoints(out):
-            if step > meta["step"] and path.resolve() != ckpt.resolve():
-                log.warning("resuming from step %d: removing the later checkpoint %s", meta["step"], path)
+        for later, path in complete_checkpoints(out):
+            if later > step and path.resolve() != ckpt.resolve():
+                log.warning("resuming from step %d: removing the later checkpoint %s", step, path)
                 shutil.rmtree(path)
         metrics = out / METRICS_FILE
         if (ckpt / METRICS_FILE).is_file():
@@ -450,244 +441,6 @@ def load_checkpoint(engine, dist, ckpt: Path, out: Path) -> TrainerState:
         elif metrics.exists():
             metrics.unlink()
     dist.barrier()
-    log.info("resumed from %s (step %d)", ckpt, meta["step"])
-    return TrainerState(meta["step"], meta["bad_in_a_row"], meta["last_train"], meta["last_eval"], meta["eval_report"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Any checkpoint by parameter name (a resume on another launch, convert)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PortableState:
-    """A checkpoint seen by parameter name, whatever engine, ZeRO stage and number of ranks wrote
-    it: each parameter's fp32 master weight and AdamW moments, the AdamW step, the LR schedule and
-    (fp16) the loss scale. Files are memory-mapped and each tensor is stitched together from the
-    ranks' partitions when asked for, so memory stays about one parameter::
-
-        view = read_portable(ckpt, read_meta(ckpt))
-        view.tensor("v_head.weight", "fp32")     # [1, H] float32, the master weight
-        view.tensor("v_head.weight", "exp_avg")  # [1, H] float32; "exp_avg_sq" likewise
-    """
-
-    shapes: dict[str, torch.Size]  # parameter name -> full shape
-    step: int  # AdamW steps taken (its bias correction)
-    scheduler: dict[str, Any]  # LambdaLR state
-    loss_scale: float | None  # fp16 dynamic loss scale; None for bf16 / fp32
-    read: Callable[[str, str], torch.Tensor]  # (name, "fp32" | "exp_avg" | "exp_avg_sq") -> its elements
-    ckpt: Path
-    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # non-parameter tensors (convert)
-
-    def tensor(self, name: str, key: str) -> torch.Tensor:
-        return self.read(name, key).reshape(self.shapes[name]).float()
-
-    def check(self, shapes: Mapping[str, torch.Size]) -> None:
-        """The model being resumed has exactly these parameters, of these shapes."""
-        missing, extra = sorted(set(shapes) - set(self.shapes)), sorted(set(self.shapes) - set(shapes))
-        wrong = [f"{n} {tuple(self.shapes[n])} != {tuple(s)}" for n, s in shapes.items()
-                 if n in self.shapes and tuple(self.shapes[n]) != tuple(s)]
-        if missing or extra or wrong:
-            found = "; ".join(f"{what}: {', '.join(names[:5])}" for what, names in
-                              (("missing", missing), ("unexpected", extra), ("shape", wrong)) if names)
-            raise UserError(self.ckpt, f"does not hold this model's parameters ({found})",
-                            "resume with the model config that wrote it (its config.yaml)")
-
-    def weights(self) -> Mapping[str, torch.Tensor]:
-        """name -> fp32 master weight (buffers too), each read on access (convert)."""
-        return _Weights(self)
-
-
-class _Weights(Mapping):
-    def __init__(self, view: PortableState):
-        self.view = view
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name in self.view.buffers:
-            return self.view.buffers[name]
-        return self.view.tensor(name, "fp32")
-
-    def __iter__(self):
-        return iter([*self.view.shapes, *self.view.buffers])
-
-    def __len__(self) -> int:
-        return len(self.view.shapes) + len(self.view.buffers)
-
-
-def read_portable(ckpt: Path, meta: dict[str, Any]) -> PortableState:
-    """The ``PortableState`` of any checkpoint (reads headers and indexes; tensors on demand)."""
-    if meta["engine"] == "torch":
-        view = _read_torch(ckpt)
-    else:
-        import_deepspeed()  # its files pickle DeepSpeed classes: import it quietly, accelerator named
-        scheduler = _load(ckpt / "scheduler.pt")["scheduler"]
-        read = _read_replicated if meta["zero_stage"] == 0 else _read_partitioned
-        view = read(ckpt, meta, scheduler)
-    if meta["precision"] != "fp16":
-        view.loss_scale = None
-    return view
-
-
-def _load(path: Path, *, trusted: bool = False) -> Any:
-    """A torch file memory-mapped on the CPU. ``trusted``: DeepSpeed's files pickle its own classes."""
-    if not path.is_file():
-        raise UserError(path, "is missing from the checkpoint", "it is damaged or still being copied: use another step")
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=not trusted)
-
-
-def _one_step(states: list[dict], ckpt: Path) -> int:
-    """The AdamW step of the checkpoint: one count shared by every parameter (0 before the first)."""
-    steps = {int(s["step"]) for s in states if s}
-    if len(steps) > 1:
-        raise UserError(ckpt, f"holds parameters at different AdamW steps {sorted(steps)}",
-                        "resume with the launch that wrote it (engine, ranks, ZeRO stage, precision)")
-    return steps.pop() if steps else 0
-
-
-def _per_param(names: list[str], masters: Mapping[str, torch.Tensor], optim: dict, ckpt: Path,
-               scheduler: dict, loss_scale: float | None, buffers: dict) -> PortableState:
-    """Checkpoints whose optimizer holds one state per parameter (a plain AdamW state dict, its
-    parameter indices in ``names`` order): TorchEngine and ZeRO-0."""
-    order = [i for group in optim["param_groups"] for i in group["params"]]
-    if len(order) != len(names):
-        raise UserError(ckpt, f"its optimizer holds {len(order)} parameters, its model {len(names)}",
-                        "the checkpoint is damaged: use another step")
-    state = {name: optim["state"].get(i, {}) for name, i in zip(names, order)}
-    shapes = {name: masters[name].shape for name in names}
-
-    def read(name: str, key: str) -> torch.Tensor:
-        if key == "fp32":
-            return masters[name]
-        return state[name][key] if state[name] else torch.zeros(shapes[name])  # no step taken yet
-
-    return PortableState(shapes, _one_step(list(state.values()), ckpt), scheduler, loss_scale, read, ckpt, buffers)
-
-
-def _read_torch(ckpt: Path) -> PortableState:
-    model = _load(ckpt / "model.pt")
-    saved = _load(ckpt / "optimizer.pt")
-    names = saved.get("param_names") or list(model)  # written before param_names: no buffers then
-    scale = saved["scaler"]["scale"] if saved.get("scaler") else None
-    buffers = {k: v for k, v in model.items() if k not in names}
-    return _per_param(names, model, saved["optimizer"], ckpt, saved["scheduler"], scale, buffers)
-
-
-def _read_replicated(ckpt: Path, meta: dict, scheduler: dict) -> PortableState:
-    """ZeRO-0: every rank held everything, rank 0 wrote it. fp32: the module is the master and the
-    optimizer a plain AdamW; bf16 / fp16: FP16_UnfusedOptimizer keeps per-parameter fp32 copies."""
-    folder = ckpt / "deepspeed"
-    states = _load(folder / "mp_rank_00_model_states.pt", trusted=True)
-    module, optim = states["module"], states["optimizer"]
-    buffer_names = set(states.get("buffer_names") or [])
-    names = [k for k in module if k not in buffer_names]
-    buffers = {k: module[k] for k in buffer_names}
-    if "fp32_groups_flat" in optim:  # FP16_Optimizer, only with a fused optimizer: not one we build
-        raise UserError(folder, "holds DeepSpeed's fused FP16_Optimizer state, which cannot be read by parameter name",
-                        "resume with the launch that wrote it (engine, ranks, ZeRO stage, precision)")
-    if "fp32_groups" in optim:
-        masters = dict(zip(names, [t for group in optim["fp32_groups"] for t in group]))
-        return _per_param(names, masters, optim["optimizer_state_dict"], ckpt, scheduler, optim.get("cur_scale"), buffers)
-    return _per_param(names, module, optim, ckpt, scheduler, None, buffers)
-
-
-def _span(flats: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
-    """Elements [start, start + length) of the concatenation of the 1-D ``flats``, without building it."""
-    pieces, pos = [], 0
-    for flat in flats:
-        lo, hi = max(start, pos), min(start + length, pos + flat.numel())
-        if lo < hi:
-            pieces.append(flat[lo - pos : hi - pos])
-        pos += flat.numel()
-    assert sum(p.numel() for p in pieces) == length, (start, length, pos)
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _read_partitioned(ckpt: Path, meta: dict, scheduler: dict) -> PortableState:
-    """ZeRO-1/2/3: each rank wrote its partition of the flat fp32 masters and of the AdamW state of
-    those flat tensors (``zero_pp_rank_R_*``; ``bf16_zero_pp_rank_R_*`` from bf16 ZeRO-1).
-
-    ZeRO-1/2, per parameter group: the parameters (``param_shapes`` order, each followed by its
-    alignment padding) laid end to end, then cut into one equal slice per rank::
-
-        flat group  [ p0 | p1 | p2 ...... | pad ]   rank 0 = first slice, rank 1 = the next, ...
-
-    ZeRO-3: every parameter is cut into one equal piece per rank (the last one padded); rank r's
-    file holds its piece of every parameter, end to end (over sub-groups)::
-
-        rank r      [ p0[r] | p1[r] | p2[r] ... ]   p = cat(p[0], p[1], ...)[:numel]
-    """
-    folder, stage3, ranks = ckpt / "deepspeed", meta["zero_stage"] == 3, range(meta["world_size"])
-    model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if stage3 else "mp_rank_00_model_states.pt"
-    param_shapes = _load(folder / model_file, trusted=True)["param_shapes"]
-    prefix = "bf16_" if (folder / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file() else ""
-    optim = [_load(folder / f"{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt", trusted=True)["optimizer_state_dict"]
-             for r in ranks]
-    base_key = "optimizer_state_dict" if stage3 else "base_optimizer_state"
-    if not all(isinstance(o[base_key], dict) for o in optim):  # zero_optimization.elastic_checkpoint
-        raise UserError(folder, "holds an elastic ZeRO checkpoint, which cannot be read by parameter name",
-                        "resume with the launch that wrote it (engine, ranks, ZeRO stage, precision)")
-
-    # flats[key][rank][group]: the 1-D partitions of the fp32 masters and of each moment
-    flats = {"fp32": [o["fp32_flat_groups" if stage3 else "single_partition_of_fp32_groups"] for o in optim]}
-    states = []
-    for o, fp32 in zip(optim, flats["fp32"]):
-        base = o[base_key]
-        order = [i for group in base["param_groups"] for i in group["params"]]  # index -> flat group
-        states.append([base["state"].get(i, {}) for i in order])
-        assert len(order) == len(fp32), (len(order), len(fp32))
-    for key in ADAM_MOMENTS:
-        flats[key] = [[s[key] if s else torch.zeros_like(f) for s, f in zip(st, fp32)]
-                      for st, fp32 in zip(states, flats["fp32"])]
-    step = _one_step([s for st in states for s in st], ckpt)
-    scaler = optim[0].get("loss_scaler")
-    loss_scale = getattr(scaler, "cur_scale", None) if meta["precision"] == "fp16" else None
-
-    paddings = optim[0].get("param_alignment_paddings")  # ZeRO-1/2: zeros after each parameter, if any
-    shapes: dict[str, torch.Size] = {}
-    where: dict[str, tuple[int, int, int]] = {}  # name -> (group, offset, numel) in the flats
-    offset = 0
-    for g, group in enumerate(param_shapes):
-        offset = offset if stage3 else 0  # ZeRO-3: a rank's pieces run on over its sub-groups
-        for i, (name, shape) in enumerate(group.items()):
-            shapes[name] = torch.Size(shape)
-            numel = math.ceil(shapes[name].numel() / len(ranks)) if stage3 else shapes[name].numel()
-            where[name] = (g, offset, numel)
-            offset += numel + (paddings[g][i] if paddings else 0)
-    held = sum(f.numel() for f in flats["fp32"][0])
-    if stage3 and offset != held:
-        raise UserError(folder, f"its ZeRO-3 partitions hold {held} elements per rank, its parameters need {offset}",
-                        "the checkpoint is damaged: use another step")
-
-    def read(name: str, key: str) -> torch.Tensor:
-        g, off, numel = where[name]
-        if stage3:
-            return torch.cat([_span(flats[key][r], off, numel) for r in ranks])[: shapes[name].numel()]
-        return _span([flats[key][r][g] for r in ranks], off, numel)
-
-    return PortableState(shapes, step, scheduler, loss_scale, read, ckpt)
-
-
-# ---------------------------------------------------------------------------------------------
-# convert: any checkpoint -> the HF folder the end of training writes
-# ---------------------------------------------------------------------------------------------
-
-
-def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB") -> Path:
-    """Write the HF folder of a checkpoint (``step-N`` or a run's output_dir = its latest).
-
-    ``dtype`` ``auto`` = the run's ``train.export_dtype``, so the result equals the run's own export.
-    """
-    ckpt = resolve_checkpoint(checkpoint, str(checkpoint))
-    meta = read_meta(ckpt)
-    files = ckpt / MODEL_FILES
-    config = ModelConfig.from_file(files / "config.json")
-    dtype = meta["export_dtype"] if dtype == "auto" else dtype
-    training_config = yaml.safe_load((ckpt / "config.yaml").read_text(encoding="utf-8"))
-    return save_state_dict(read_portable(ckpt, meta).weights(), config, out_dir, base_dir=files, dtype=getattr(torch, dtype),
-                           max_shard_size=max_shard_size, training_config=training_config, eval_report=meta["eval_report"])
-
-
-def cmd_convert(args) -> int:
-    out = convert(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size)
-    print(f"wrote {out}")
-    return 0
+    log.info("resumed from %s (step %d)", ckpt, step)
+    return TrainerState(step, total_steps, meta["bad_in_a_row"], meta["last_train"], meta["last_eval"],
+                        meta["eval_report"])

@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from polar_train.checkpoint import cmd_convert as run_convert
+    from polar_train.export import cmd_convert as run_convert
 
     return run_convert(args)
 

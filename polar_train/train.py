@@ -1,10 +1,11 @@
 """The training recipe: ``run(cfg)`` reads top to bottom.
 
 JSONL -> POLAR token ids (data.py) -> step plan and this rank's packed micro-batches
-(packing.py) -> reward model (model/) -> Bradley-Terry loss (loss.py) -> engine step
-(engine.py: one process, or DeepSpeed ZeRO under torchrun); evaluation at the start, every
-``train.eval_steps`` and at the end; checkpoints every ``train.save_steps`` and on
-SIGTERM / SIGINT (checkpoint.py); the HF export under ``output_dir/hf``.
+(packing.py) -> reward model (model/) -> Bradley-Terry loss (loss.py) -> engine step at the
+LR ``lr_at(step, total_steps)`` (engine/: one process, or DeepSpeed ZeRO under torchrun);
+evaluation at the start, every ``train.eval_steps`` and at the end; checkpoints every
+``train.save_steps`` and on SIGTERM / SIGINT (checkpoint.py); the HF export under
+``output_dir/hf`` (export.py).
 
 The same code runs on every rank: all ranks compute the same step plan, each packs and runs
 its own share, and the figures of a step are summed over ranks once per step.
@@ -26,13 +27,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from polar_train.checkpoint import ModelSource, export_hf, find_resume, fresh_state, load_checkpoint, save_checkpoint
+from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, save_checkpoint
 from polar_train.config import Config
 from polar_train.data import SkippedRow, load_pair_dataset
-from polar_train.engine import build_engine, distributed
+from polar_train.engine import Engine, build_engine, distributed, lr_at
 from polar_train.errors import TrainingError, UserError
 from polar_train.evaluate import pair_report, write_report
+from polar_train.export import export_hf
 from polar_train.loss import pair_losses, pair_stats, summarize
+from polar_train.model.build import ModelSource
 from polar_train.packing import StepPlanner, pack_step, pair_cost
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
 from polar_train.rundir import preflight, prepare_output_dir, write_skipped_rows
@@ -59,6 +62,8 @@ def run(cfg: Config) -> dict[str, float]:
         prepare_output_dir(out, cfg)  # refuses a folder holding a different run
         setup_logging(out / "train.log", rank=dist.rank)
         torch.manual_seed(cfg.seed)
+        # rank 0 picks the checkpoint and checks its files (one line if damaged), before any heavy work
+        resume_from = dist.decide_on_rank_zero("choosing the checkpoint to resume from", lambda: find_resume(cfg))
 
         source = ModelSource.from_config(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(source.files_dir)
@@ -72,9 +77,11 @@ def run(cfg: Config) -> dict[str, float]:
         planner = StepPlanner(train_set.costs, pairs_per_step=cfg.train.pairs_per_step, max_tokens=cfg.data.max_tokens,
                               num_ranks=dist.world_size, seed=cfg.seed)
         total_steps = cfg.train.max_steps or cfg.train.epochs * planner.steps_per_epoch
-        resume_from = find_resume(cfg)
-        engine = build_engine(cfg, dist, source, total_steps, load_weights=resume_from is None)
-        state = load_checkpoint(engine, dist, resume_from, out) if resume_from else fresh_state(dist, out)
+        engine = build_engine(cfg, dist, source, load_weights=resume_from is None)
+        if resume_from:
+            state = load_checkpoint(engine, dist, resume_from, out, total_steps, cfg.train)
+        else:
+            state = fresh_state(dist, out, total_steps)
         writer = MetricsWriter(out, enabled=dist.rank == 0, resumed_at=state.step)
         log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention, engine.precision,
                  dist.world_size, engine.kind, f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else "", dist.device)
@@ -120,7 +127,8 @@ def run(cfg: Config) -> dict[str, float]:
                 engine.backward(losses.sum() / step_pairs, last=i == len(micro_batches) - 1)
                 loss_sum += losses.detach().sum()
                 stats += pair_stats(chosen, rejected, mb.pair_weight)
-            lr = engine.lr
+            lr = lr_at(step, total_steps, cfg.train)  # a function of the step: nothing to save or restore
+            engine.set_lr(lr)
             result = engine.step()
             extra = torch.tensor([num_tokens, float(stop.requested is not None)], device=dist.device)
             # one host sync per optimizer step, deliberate: every rank must agree on skipping and stopping
@@ -234,7 +242,7 @@ def load_pairs(cfg: Config, files, tokenizer, tokenizer_path, share_max_len: int
 
 
 @torch.no_grad()
-def eval_rewards(engine, eval_set: PairSet, cfg: Config, share_max_len: int | None) -> torch.Tensor:
+def eval_rewards(engine: Engine, eval_set: PairSet, cfg: Config, share_max_len: int | None) -> torch.Tensor:
     """[N, 2] rewards (chosen, rejected) of every eval pair, on every rank. The pairs are split
     across ranks like a training step (equal micro-batch counts: ZeRO-3 needs every rank in
     every forward); each rank fills its rows and one all-reduce gathers them."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from polar_train.checkpoint import convert
+from polar_train.export import convert
 from polar_train.config import load_config
 from polar_train.model import VarlenMeta, load_model
 from polar_train.packing import StepPlanner, best_fit_decreasing, split_across_ranks

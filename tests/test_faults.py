@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import polar_train.train as train_module
-from polar_train.checkpoint import COMPLETE, complete_checkpoints
+from polar_train.checkpoint import COMPLETE, ShardWriter, complete_checkpoints
 from polar_train.cli import main as cli_main
-from polar_train.engine import TorchEngine
+from polar_train.engine.torch import TorchEngine
 from polar_train.loss import pair_losses
 
 from test_resume import (  # noqa: F401
@@ -84,17 +84,17 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(run_folder: Path, monkey
 
 def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(run_folder)
-    save = TorchEngine.save_state
+    flush = ShardWriter._flush  # the tiny model's state is one shard: one flush per save
     calls = {"n": 0}
 
-    def disk_full_on_second_save(self, folder: Path) -> None:
+    def disk_full_on_second_save(self: ShardWriter) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
-            torch.save(self.model.state_dict(), folder / "model.pt")  # a partial write, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.pt"))
-        save(self, folder)
+            (self.folder / "state-00001.safetensors").write_bytes(b"partial")  # a partial write, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "state-00001.safetensors"))
+        flush(self)
 
-    monkeypatch.setattr(TorchEngine, "save_state", disk_full_on_second_save)
+    monkeypatch.setattr(ShardWriter, "_flush", disk_full_on_second_save)
     assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 1
     err = capsys.readouterr().err
     out = run_folder / "full_disk"
@@ -104,7 +104,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypat
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # no partial folder left
     assert (out / "checkpoints" / "step-2" / COMPLETE).exists()
 
-    monkeypatch.setattr(TorchEngine, "save_state", save)  # the disk has space again: resume
+    monkeypatch.setattr(ShardWriter, "_flush", flush)  # the disk has space again: resume
     assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 0
     assert cli_main(["train", "cfg.yaml", "output_dir=clean", "train.save_steps=2"]) == 0
     assert metric_rows(out) == metric_rows(run_folder / "clean")

@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from polar_train.checkpoint import COMPLETE, convert, find_resume, resolve_checkpoint
+from polar_train.checkpoint import COMPLETE, find_resume, resolve_checkpoint
+from polar_train.export import convert
 from polar_train.cli import main as cli_main
 from polar_train.config import load_config
 from polar_train.errors import UserError
@@ -159,11 +160,13 @@ def test_checkpoint_layout_pruning_and_convert(run_folder: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["step-4", "step-6"]  # step-2 pruned, no temp folders
     ckpt = root / "step-6"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        [COMPLETE, "config.yaml", "metrics.jsonl", "model.pt", "model_files", "optimizer.pt", "rng", "trainer_state.json"])
+        [COMPLETE, "config.yaml", "metrics.jsonl", "model_files", "rng", "state-00001.safetensors", "trainer_state.json"])
+    assert [p.name for p in (ckpt / "rng").iterdir()] == ["rank-00000.safetensors"]
     tokenizer_files = [p.name for p in (run_folder / "tok").iterdir()]  # transformers 4.x writes one more than 5.x
     assert sorted(p.name for p in (ckpt / "model_files").iterdir()) == sorted(["config.json", *tokenizer_files])
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert (state["step"], state["engine"], state["world_size"], state["export_dtype"]) == (6, "torch", 1, "float32")
+    assert (state["format"], state["total_steps"], state["adam_step"], state["loss_scale"]) == (2, 6, 6, None)
     assert state["last_train"]["loss"] == train_losses(out)[-1]
     assert load_config(ckpt / "config.yaml").output_dir == str(out)
 

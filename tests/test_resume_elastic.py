@@ -2,7 +2,7 @@
 continues on any other (a job preempted on 16 GPUs comes back on 8; ZeRO-2 -> one plain process;
 one process -> ZeRO-3 on 2 ranks).
 
-Such a resume reads the checkpoint by parameter name (``checkpoint.PortableState``) and sets the
+Every engine writes the same name-keyed checkpoint (``checkpoint.CheckpointState`` reads it) and sets the
 fp32 master weights, both AdamW moments and the AdamW step exactly; the step index is the data
 position, and the pairs of a step do not depend on the number of ranks. So the run ends where the
 uninterrupted one-process run ends, up to the float summation order of 2 ranks vs 1.
@@ -10,7 +10,6 @@ uninterrupted one-process run ends, up to the float summation order of 2 ranks v
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from polar_train.checkpoint import ModelSource, PortableState, read_meta, read_portable
-from polar_train.engine import ADAM_MOMENTS, Dist, build_engine
+from polar_train.checkpoint import CheckpointState, ShardWriter, TrainerState, check_checkpoint, read_meta, save_checkpoint
+from polar_train.engine import Dist, build_engine
+from polar_train.engine.protocol import STATE_KEYS
 from polar_train.errors import UserError
+from polar_train.model.build import ModelSource
 from polar_train.packing import FILLER, StepPlanner
 from polar_train.train import run
 
@@ -37,9 +38,10 @@ PROBE = """\
 import sys
 from pathlib import Path
 
-from polar_train.checkpoint import ModelSource, load_checkpoint, save_checkpoint
+from polar_train.checkpoint import load_checkpoint, save_checkpoint
 from polar_train.config import load_config
 from polar_train.engine import build_engine, distributed
+from polar_train.model.build import ModelSource
 
 specs = [sys.argv[i:i + 3] for i in range(1, len(sys.argv), 3)]
 configs = [load_config("cfg.yaml", [f"output_dir={out}", "deepspeed.enabled=true", f"deepspeed.zero_stage={stage}"])
@@ -47,9 +49,9 @@ configs = [load_config("cfg.yaml", [f"output_dir={out}", "deepspeed.enabled=true
 with distributed(configs[0].deepspeed) as dist:
     for (ckpt, out, _), cfg in zip(specs, configs):
         source = ModelSource.from_config(cfg.model, cfg.seed)
-        engine = build_engine(cfg, dist, source, total_steps=6, load_weights=False)
+        engine = build_engine(cfg, dist, source, load_weights=False)
         Path(out).mkdir(exist_ok=True)
-        state = load_checkpoint(engine, dist, Path(ckpt), Path(out))
+        state = load_checkpoint(engine, dist, Path(ckpt), Path(out), 6, cfg.train)
         save_checkpoint(engine, dist, Path(out), state, cfg, source)
 """
 
@@ -76,17 +78,17 @@ def assert_matches_one_process_run(out: Path, runs: Path) -> None:
     assert "restoring it by parameter name" in (out / "train.log").read_text()
 
 
-def assert_same_state(a: PortableState, b: PortableState) -> None:
-    """Bitwise: every weight and moment, the AdamW step, the LR schedule."""
+def assert_same_state(a: CheckpointState, b: CheckpointState) -> None:
+    """Bitwise: every weight and moment, the AdamW step."""
     assert a.shapes == b.shapes
-    assert (a.step, a.scheduler) == (b.step, b.scheduler)
+    assert (a.adam_step, a.loss_scale) == (b.adam_step, b.loss_scale)
     for name in a.shapes:
-        for key in ("fp32", *ADAM_MOMENTS):
+        for key in STATE_KEYS:
             assert torch.equal(a.tensor(name, key), b.tensor(name, key)), (name, key)
 
 
-def portable(ckpt: Path) -> PortableState:
-    return read_portable(ckpt, read_meta(ckpt))
+def portable(ckpt: Path) -> CheckpointState:
+    return CheckpointState(ckpt, check_checkpoint(ckpt))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +107,11 @@ def test_the_pairs_of_a_step_do_not_depend_on_the_number_of_ranks() -> None:
             assert sorted(planned) == sorted(expected)
 
 
-def test_a_checkpoint_of_another_model_is_refused_by_name() -> None:
-    view = PortableState({"a.weight": torch.Size([4, 2]), "b.weight": torch.Size([3])}, 5, {}, None,
-                         lambda name, key: torch.zeros(8), Path("ckpt"))
+def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path: Path) -> None:
+    writer = ShardWriter(tmp_path)
+    for name, shape in (("a.weight", (4, 2)), ("b.weight", (3,))):
+        writer.add(name, {key: torch.zeros(shape) for key in STATE_KEYS})
+    view = CheckpointState(tmp_path, {"adam_step": 5, "loss_scale": None, "state_files": writer.close()})
     with pytest.raises(UserError, match=r"missing: c\.weight; unexpected: b\.weight; shape: a\.weight \(4, 2\) != \(2, 4\)"):
         view.check({"a.weight": torch.Size([2, 4]), "c.weight": torch.Size([3])})
     view.check({"b.weight": torch.Size([3]), "a.weight": torch.Size([4, 2])})  # the order does not matter
@@ -143,15 +147,9 @@ def test_every_engine_holds_the_checkpoint_exactly(runs: Path, tmp_path: Path) -
         assert_same_state(portable(saved), portable(source))
 
     cfg = in_process_config(runs, "unused")  # the one-process engine, in this process
-    engine = build_engine(cfg, Dist(), ModelSource.from_config(cfg.model, cfg.seed), 6, load_weights=False)
-    engine.load_portable(portable(zero2))
-    saved = tmp_path / "torch"
-    saved.mkdir()
-    engine.save_state(saved)
-    assert_same_state(read_portable(saved, read_meta(one)), portable(zero2))  # one: a TorchEngine's meta
-
-    damaged = tmp_path / "damaged"
-    shutil.copytree(zero2, damaged)
-    (damaged / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(UserError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt: is missing from the checkpoint"):
-        portable(damaged)
+    source = ModelSource.from_config(cfg.model, cfg.seed)
+    engine = build_engine(cfg, Dist(), source, load_weights=False)
+    engine.load_named_state(portable(zero2))
+    saved = save_checkpoint(engine, Dist(), tmp_path, TrainerState(step=3, total_steps=6), cfg, source)
+    assert read_meta(saved)["engine"] == "torch"
+    assert_same_state(portable(saved), portable(zero2))
