@@ -191,7 +191,8 @@ def test_missing_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("override, where, hint", [
     ("data.train_fils=x.jsonl", "data.train_fils", "did you mean data.train_files?"),
-    ("train.lr=fast", "train.lr", "expected a number"),
+    ("train.lr=fast", "train.lr (now optimizer.lr)", "expected a number"),
+    ("optimizer.lr=fast", "optimizer.lr", "expected a number"),
     ("data.on_error=ignore", "data.on_error", "raise, skip"),
 ])
 def test_config_problem_names_the_dotted_key(override, where, hint, tmp_path, capsys, repo_root):
@@ -304,7 +305,7 @@ def test_output_dir_holding_a_different_run(tmp_path, repo_root, tiny_tokenizer_
     args = base_args(tmp_path, tiny_tokenizer_path, data)
     cfg = load_config(repo_root / "configs/demo.yaml", args)
     rundir.prepare_output_dir(out, cfg)
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == cfg.train.lr
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["lr"] == cfg.optimizer.lr
 
     rundir.prepare_output_dir(out, cfg)  # the same config: a resume
     longer = load_config(repo_root / "configs/demo.yaml", [*args, "train.max_steps=50", "train.log_steps=7", "train.resume=never",
@@ -318,7 +319,7 @@ def test_output_dir_holding_a_different_run(tmp_path, repo_root, tiny_tokenizer_
     error = info.value
     assert error.where == str(out) and error.exit_code == 2
     assert "seed: 0 -> 7" in error.what and "data.max_length: 256 -> 300" in error.what
-    assert f"train.lr: {cfg.train.lr!r} -> 0.0001" in error.what
+    assert f"optimizer.lr: {cfg.optimizer.lr!r} -> 0.0001" in error.what
     assert error.fix == "use a new output_dir or restore the old value"
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0  # the old run's config is kept
 
@@ -342,7 +343,7 @@ def test_train_refuses_an_output_dir_of_a_different_run(tmp_path, capsys, repo_r
     args = base_args(tmp_path, tiny_tokenizer_path, data)
     rundir.prepare_output_dir(tmp_path / "run", load_config(repo_root / "configs/demo.yaml", args))
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", *args, "train.lr=0.5")
-    assert_one_error(code, err, 2, str(tmp_path / "run"), "train.lr", "-> 0.5", "use a new output_dir")
+    assert_one_error(code, err, 2, str(tmp_path / "run"), "optimizer.lr", "-> 0.5", "use a new output_dir")
 
 
 # --- 1. The machine: OSError and out-of-memory become one line, exit 1 ------------------------

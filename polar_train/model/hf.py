@@ -111,8 +111,9 @@ def weight_files(path: str | os.PathLike[str]) -> tuple[str, list[Path]]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(index, f"is not a valid weight index ({e!r})", "re-export the checkpoint") from None
+            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise UserError(index, f"is not a valid weight index ({e!r})",
+                                "the download may be incomplete: fetch it again, or re-export the checkpoint") from None
             files = sorted({path / f for f in weight_map.values()})
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -177,7 +178,11 @@ def safetensors_shapes(file: str | os.PathLike[str]) -> dict[str, tuple[int, ...
             header = json.loads(f.read(size))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+        expected = 8 + size + max((info["data_offsets"][1] for info in tensors.values()), default=0)
+        if file.stat().st_size < expected:  # an interrupted download: the header is whole, the data is not
+            raise ValueError(f"{file.stat().st_size} bytes where its header describes {expected}")
+        return {name: tuple(info["shape"]) for name, info in tensors.items()}
     except OSError as error:
         raise UserError(file, f"cannot read the weights: {error.strerror or error}", "check the file's permissions") from None
     except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
