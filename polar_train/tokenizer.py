@@ -36,6 +36,11 @@ UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
 
 # A folder holds a tokenizer when it has one of these (fast json, sentencepiece, BPE/WordPiece vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Every file that makes up a folder's tokenizer: the data cache hashes them, an export copies them.
+# (tokenizer*.json covers tokenizer.json and tokenizer_config.json.)
+TOKENIZER_FILE_PATTERNS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                           "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "*.tiktoken",
+                           "chat_template.jinja", "tokenization_*.py")
 # Real POLAR checkpoints ship InternLM2's tokenizer as remote code (tokenizer_config.json auto_map).
 REMOTE_TOKENIZER_GLOB = "tokenization_internlm2*.py"
 

@@ -408,3 +408,66 @@ def test_bad_device(device, tmp_path, capsys, tiny_model_dir):
     data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
     code, err = run_cli(capsys, "score", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "o.jsonl", "--device", device)
     assert_one_error(code, err, 2, "--device: ", device)
+
+
+# --- a base folder damaged the way an interrupted download leaves it -------------------------
+
+
+def _truncate_a_shard(model: Path) -> tuple[Path, str]:
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])  # the header is whole, the data is not
+    return shard, "bytes where its header describes"
+
+
+def _remove_a_shard(model: Path) -> tuple[Path, str]:
+    sorted(model.glob("model-*.safetensors"))[-1].unlink()
+    return model / "model.safetensors.index.json", "lists shard(s) that do not exist"
+
+
+def _cut_json(name: str, what: str):
+    def damage(model: Path) -> tuple[Path, str]:
+        (model / name).write_text((model / name).read_text()[:30])
+        return model / name, what
+    return damage
+
+
+def _remove_the_tokenizer(model: Path) -> tuple[Path, str]:
+    for f in [*model.glob("tokenizer*"), model / "special_tokens_map.json"]:
+        f.unlink(missing_ok=True)
+    return model, "no tokenizer in this folder"
+
+
+DAMAGE = {
+    "truncated shard": _truncate_a_shard,
+    "missing shard": _remove_a_shard,
+    "cut config.json": _cut_json("config.json", "is not valid JSON"),
+    "cut weight index": _cut_json("model.safetensors.index.json", "is not a valid weight index"),
+    "no tokenizer files": _remove_the_tokenizer,
+}
+
+
+@pytest.fixture(scope="module")
+def two_shard_model_dir(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    from polar_train.model import load_model
+
+    return save_model(load_model(tiny_model_dir), tmp_path_factory.mktemp("models") / "two_shards",
+                      base_dir=tiny_model_dir, max_shard_size="12KB")
+
+
+@pytest.mark.parametrize("command", ["train", "data", "score", "eval"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_base_folder_is_one_line_naming_the_file(damage, command, tmp_path, capsys, repo_root, two_shard_model_dir):
+    assert len(list(two_shard_model_dir.glob("model-*.safetensors"))) == 2
+    model = copy_dir(two_shard_model_dir, tmp_path / "model")
+    where, what = DAMAGE[damage](model)
+    data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
+    if command in ("train", "data"):
+        argv = [command, repo_root / "configs/demo.yaml", f"model.path={model}", f"data.train_files={data}",
+                "data.eval_files=[]", f"output_dir={tmp_path / 'run'}", "data.cache_dir="]
+    else:
+        argv = [command, "--model", model, "--data", data, "--device", "cpu",
+                *(["--output", tmp_path / "out.jsonl"] if command == "score" else ["--output-dir", tmp_path / "eval"])]
+    code, err = run_cli(capsys, *argv)
+    message = assert_one_error(code, err, 2, f"polar-train: error: {where}: ", what)
+    assert "(" in message.splitlines()[0] and message.rstrip().endswith(")")  # the fix, in parentheses
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "out.jsonl").exists()  # before any work
