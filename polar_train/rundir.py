@@ -2,12 +2,14 @@
 
 ``preflight(cfg)`` looks at every input a run needs (data files, model folder, weight headers,
 tokenizer) in about a second, so a typo fails before minutes of tokenizing or loading 15 GB
-of weights. ``prepare_output_dir`` refuses an ``output_dir`` that holds a different run and
-writes ``config.yaml``; ``write_skipped_rows`` lists every row ``data.on_error=skip`` left out.
+of weights. ``hold_output_dir`` keeps a second run out of a folder in use; ``prepare_output_dir``
+refuses an ``output_dir`` that holds a different run and writes ``config.yaml``;
+``write_skipped_rows`` lists every row ``data.on_error=skip`` left out.
 
 An output directory after a run::
 
     output_dir/
+      .polar-train.lock    flock-ed by rank 0 while a run lives; says which process held it last
       config.yaml          the resolved config (prepare_output_dir); a resume must match it
       skipped_rows.jsonl   {"split", "source": "FILE:LINE", "reason"} per bad row (only if any)
       train.log, metrics, checkpoints/, hf/   (train.py)

@@ -127,7 +127,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(run_folder: Path) -
             proc.kill()
     log = (run_folder / "proc.log").read_text()
     assert "SIGTERM: finishing this step" in log
-    assert "resume with:\n  polar-train train cfg.yaml output_dir=stopped train.max_steps=40 train.resume=auto" in log
+    assert "resume with:\n  polar-train train cfg.yaml output_dir=stopped train.max_steps=40 checkpoint.resume=auto" in log
     stopped_at = last_train_step(run_folder / "stopped")
     assert 2 <= stopped_at < 40 and not (run_folder / "stopped" / "hf").exists()
     assert [s for s, _ in complete_checkpoints(run_folder / "stopped")] == [stopped_at]
