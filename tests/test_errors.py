@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polar_train import cli, rundir
+from polar_train import cli, rundir, scoring
 from polar_train.config import load_config
 from polar_train.data import SkippedRow, load_pair_dataset
 from polar_train.errors import UserError
@@ -471,3 +471,40 @@ def test_a_damaged_base_folder_is_one_line_naming_the_file(damage, command, tmp_
     message = assert_one_error(code, err, 2, f"polar-train: error: {where}: ", what)
     assert "(" in message.splitlines()[0] and message.rstrip().endswith(")")  # the fix, in parentheses
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "out.jsonl").exists()  # before any work
+
+
+def test_tokenizer_code_in_a_model_folder_runs_only_when_allowed(tmp_path, capsys, monkeypatch, repo_root, tiny_model_dir):
+    """A folder whose tokenizer is code (as POLAR's): `data` and `score` name the file and the opt-in,
+    and the code does not run; --trust-remote-code reaches load_tokenizer (tests/test_data.py runs it)."""
+    model = copy_dir(tiny_model_dir, tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="InternLM2Tokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_internlm2_fast.InternLM2TokenizerFast"]})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    code_file = model / "tokenization_internlm2_fast.py"
+    code_file.write_text(f"from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n\n"
+                         f"Path({str(tmp_path / 'ran')!r}).touch()\n\n\n"
+                         "class InternLM2TokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
+    # as in POLAR's folders, plain loading cannot read the tokenizer: no tokenizer.json, a tokenizer.model for the code
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.model").write_bytes(b"read by tokenization_internlm2_fast.py only")
+    data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
+    train_args = [f"model.path={model}", f"data.train_files={data}", "data.eval_files=[]", "data.cache_dir="]
+    code, err = run_cli(capsys, "data", repo_root / "configs/demo.yaml", *train_args)
+    assert_one_error(code, err, 2, f"{code_file}: the tokenizer is Python code", "allow it with model.trust_remote_code=true")
+    score = ["score", "--model", model, "--data", data, "--output", tmp_path / "out.jsonl", "--device", "cpu"]
+    code, err = run_cli(capsys, *score)
+    assert_one_error(code, err, 2, f"{code_file}: the tokenizer is Python code", "allow it with --trust-remote-code")
+    assert not (tmp_path / "ran").exists()
+    seen = {}
+
+    def record(path, **options):
+        seen.update(options)
+        raise UserError(path, "recorded", "test")
+
+    monkeypatch.setattr(scoring, "load_tokenizer", record)
+    assert run_cli(capsys, *score, "--trust-remote-code")[0] == 2
+    assert seen == {"trust_remote_code": True, "opt_in": "--trust-remote-code"}
+    code, err = run_cli(capsys, "data", repo_root / "configs/demo.yaml", *train_args, "model.trust_remote_code=true")
+    assert (tmp_path / "ran").exists()  # allowed: the folder's code ran (and failed on this stand-in tokenizer.model)
+    assert_one_error(code, err, 2, f"{model}: could not load the tokenizer", "with its remote code")
