@@ -60,6 +60,8 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--attention", default="auto", help="auto | flash_attn | torch_varlen | sdpa")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow the tokenizer code shipped in --model (tokenization_*.py) to run")
 
 
 def cmd_train(args: argparse.Namespace) -> int:

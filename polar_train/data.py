@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,8 @@ from typing import Any, Literal
 from transformers import PreTrainedTokenizerBase
 
 from polar_train.errors import UserError
-from polar_train.tokenizer import TOKENIZER_FILES, special_token_ids
+from polar_train.files import fsync_tree, temporary_name
+from polar_train.tokenizer import TOKENIZER_FILE_PATTERNS, special_token_ids
 
 logger = logging.getLogger("polar_train")
 
@@ -41,9 +41,6 @@ WRAPPERS = ("sft", "pretrain")
 PAIR_FIELDS = ("prompt", "reference", "chosen", "rejected")
 # Bump when the encoding or the cached columns change: old caches then stop matching.
 ENCODING_VERSION = 2  # 2: the cached stats list every skipped row, not the first few
-# Tokenizer files that decide the ids (a checkpoint folder also holds GBs of weights: not hashed).
-_TOKENIZER_FILE_PATTERNS = (*TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json",
-                            "added_tokens.json", "merges.txt", "*.tiktoken", "tokenization_*.py")
 _NUM_EXAMPLE_SOURCES = 5  # how many FILE:LINE examples the log and reports show per category
 
 
@@ -346,7 +343,8 @@ def _hash_tokenizer_files(digest: Any, tokenizer_path: str) -> None:
     if not folder.is_dir():
         digest.update(f"tokenizer:{tokenizer_path}".encode())
         return
-    files = sorted({p for pattern in _TOKENIZER_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
+    # the tokenizer files decide the ids (a checkpoint folder also holds GBs of weights: not hashed)
+    files = sorted({p for pattern in TOKENIZER_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
     for path in files:
         digest.update(f"tokenizer-file:{path.name}:".encode())
         digest.update(path.read_bytes())
@@ -409,11 +407,12 @@ def _save_atomically(dataset: Any, stats: DataStats, final_dir: Path) -> None:
     they never see half a cache. If another process renamed first, its copy is kept. A cache
     that cannot be written costs only time: it is logged, not raised.
     """
-    tmp_dir = final_dir.parent / f".{final_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_dir = temporary_name(final_dir)
     try:
         tmp_dir.mkdir(parents=True)
         dataset.save_to_disk(str(tmp_dir / "dataset"))
         (tmp_dir / "stats.json").write_text(json.dumps(stats.as_dict(max_skipped=None), indent=1))
+        fsync_tree(tmp_dir)
         os.rename(tmp_dir, final_dir)
         logger.info("data: tokenized pairs cached in %s", final_dir)
     except OSError as error:

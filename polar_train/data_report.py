@@ -56,12 +56,12 @@ def data_report(cfg: Config) -> dict[str, Any]:
     setup_logging()
     preflight(cfg)
     tok_path = cfg.model.path or cfg.model.fresh.tokenizer
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=cfg.model.trust_remote_code)
     share_max_len = None
     config_id = None
     if cfg.model.path:
         mcfg = ModelConfig.from_file(f"{cfg.model.path}/config.json")
-        share_max_len = mcfg.max_position_embeddings if mcfg.rope_scaling else None
+        share_max_len = mcfg.share_max_len
         config_id = mcfg.reward_token_id
     special_token_ids(tokenizer, config_id)
     report: dict[str, Any] = {}

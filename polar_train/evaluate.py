@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from polar_train.files import write_atomically, write_text
 from polar_train.packing import best_fit_decreasing, group_cost, layout_groups
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -89,6 +90,20 @@ class InferenceStats:
     num_over_budget: int = 0  # sequences longer than max_tokens, each run alone
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that share one ``group_rewards`` call (training's eval under torchrun).
+
+    Every rank runs the same number of forwards (ZeRO-3 gathers parameters in lockstep; a rank
+    short of work repeats a small forward and discards it), and one ``all_reduce_sum`` gathers
+    the rewards, so every rank returns all of them.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
 @torch.no_grad()
 def group_rewards(
     model: torch.nn.Module,
@@ -98,22 +113,24 @@ def group_rewards(
     shared_prefix: bool = True,
     share_max_len: int | None = None,
     device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ranks: Ranks = Ranks(),
     on_forward: Callable[[list[tuple[int, int]]], None] | None = None,
     stats: InferenceStats | None = None,
 ) -> list[list[float]]:
     """Reward of every sequence of every group: ``out[g][k]`` for ``groups[g][k]``.
 
     ``share_max_len``: share a prefix only within groups whose sequences are all at most this
-    long (dynamic RoPE scaling, see ``packing.prefix_to_share``). ``device`` defaults to the
-    model's. ``on_forward`` is called after each forward with the ``(group, index)`` pairs it
-    scored (progress bars). ``stats``, when given, is filled in.
+    long (dynamic RoPE scaling, ``ModelConfig.share_max_len``). ``device`` defaults to the
+    model's. ``autocast`` makes the context each forward runs in (bf16 autocast for fp32
+    weights). ``ranks``: split the forwards over processes (see ``Ranks``). ``on_forward`` is
+    called after each forward with the ``(group, index)`` pairs it scored (progress bars).
+    ``stats``, when given, is filled in (this rank's forwards).
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, not {max_tokens}")
     stats = stats if stats is not None else InferenceStats()
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    out: list[list[float]] = [[math.nan] * len(g) for g in groups]
 
     # (group, member indices) units that each fit the budget, unless one sequence alone does not
     units: list[tuple[int, list[int]]] = []
@@ -128,29 +145,46 @@ def group_rewards(
     unit_seqs = [[groups[g][k] for k in members] for g, members in units]
     costs = [group_cost(seqs, shared_prefix, share_max_len) for seqs in unit_seqs]
     bins = best_fit_decreasing(list(range(len(units))), costs, max_tokens)
+    offsets = [0]  # group g's rewards sit at flat[offsets[g]:offsets[g + 1]]
+    for seqs in groups:
+        offsets.append(offsets[-1] + len(seqs))
+    flat = torch.zeros(offsets[-1], device=device)  # [S] this rank's rewards, zeros elsewhere
+    num_forwards = -(-len(bins) // ranks.world_size)  # the same on every rank
+    mine = bins[ranks.rank::ranks.world_size]
+    filler = [min(range(len(units)), key=costs.__getitem__)] if units else []  # the cheapest unit, discarded
 
     was_training = model.training
     model.eval()
-    cast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     try:
-        for unit_ids in bins:
-            flat = layout_groups([unit_seqs[u] for u in unit_ids], shared_prefix=shared_prefix,
-                                 share_max_len=share_max_len)
-            reward_index = torch.tensor([i for lasts in flat.last_index for i in lasts], dtype=torch.int64)
-            with cast:
-                rewards = model(flat.input_ids.to(device), flat.position_ids.to(device), flat.meta.to(device),
+        for i in range(num_forwards):
+            unit_ids = mine[i] if i < len(mine) else filler
+            packed = layout_groups([unit_seqs[u] for u in unit_ids], shared_prefix=shared_prefix,
+                                   share_max_len=share_max_len)
+            reward_index = torch.tensor([i for lasts in packed.last_index for i in lasts], dtype=torch.int64)
+            with autocast() if autocast else contextlib.nullcontext():
+                rewards = model(packed.input_ids.to(device), packed.position_ids.to(device), packed.meta.to(device),
                                 reward_index.to(device))  # [S] fp32
-            values = rewards.float().cpu().tolist()  # one host sync per forward, deliberate
+            if i >= len(mine):
+                continue
             done = [(units[u][0], k) for u in unit_ids for k in units[u][1]]
-            for (g, k), value in zip(done, values, strict=True):
-                out[g][k] = value
-            stats.num_packed_tokens += flat.input_ids.numel()
+            flat[[offsets[g] + k for g, k in done]] = rewards.float()
+            stats.num_packed_tokens += packed.input_ids.numel()
             stats.num_forwards += 1
             if on_forward is not None:
                 on_forward(done)
     finally:
         model.train(was_training)
-    return out
+    if ranks.world_size > 1 and ranks.all_reduce_sum is not None:
+        flat = ranks.all_reduce_sum(flat)
+    values = flat.cpu().tolist()  # one host sync for the whole call, deliberate
+    return [values[offsets[g]:offsets[g + 1]] for g in range(len(groups))]
+
+
+def autocast_to(dtype: torch.dtype | None, device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """The ``autocast`` argument of ``group_rewards`` that computes in ``dtype`` (None: as stored)."""
+    if dtype is None:
+        return None
+    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def pair_rewards(
@@ -161,13 +195,16 @@ def pair_rewards(
     shared_prefix: bool = True,
     share_max_len: int | None = None,
     device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ranks: Ranks = Ranks(),
     progress=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of every pair's chosen and rejected candidate, in input order: ([N], [N]) fp32.
 
-    Each pair is a group of two (see ``group_rewards``); ``progress`` (a tqdm bar) advances by
-    one per pair scored.
+    Each pair is a group of two (see ``group_rewards``): a pair longer than ``max_tokens`` runs
+    its chosen and rejected apart, and a sequence longer than ``max_tokens`` alone. ``progress``
+    (a tqdm bar) advances by one per pair scored. Training's eval and ``polar-train eval`` both
+    come here.
     """
 
     def advance(done: list[tuple[int, int]]) -> None:
@@ -175,7 +212,7 @@ def pair_rewards(
             progress.update(sum(k == 1 for _, k in done))  # a pair is done with its rejected
 
     rewards = group_rewards(model, pairs, max_tokens=max_tokens, shared_prefix=shared_prefix,
-                            share_max_len=share_max_len, device=device, autocast_dtype=autocast_dtype,
+                            share_max_len=share_max_len, device=device, autocast=autocast, ranks=ranks,
                             on_forward=advance)
     both = torch.tensor(rewards, dtype=torch.float32).reshape(len(pairs), 2)  # [N, 2]
     return both[:, 0].clone(), both[:, 1].clone()
@@ -261,16 +298,6 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _histograms(path: Path, series: list[tuple[str, torch.Tensor, str]], title: str, xlabel: str,
                 zero_line: bool = False) -> None:
     """One PNG with the given series as overlaid histograms over shared bins (Agg, no pyplot)."""
@@ -307,7 +334,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], chosen
     out.mkdir(parents=True, exist_ok=True)
     written = {REPORT_FILE: out / REPORT_FILE}
     text = json.dumps(_finite_or_null(report), indent=2, allow_nan=False) + "\n"
-    write_atomically(written[REPORT_FILE], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(written[REPORT_FILE], text)
     if plots and chosen is not None and rejected is not None:
         c, r = _as_float64(chosen).float(), _as_float64(rejected).float()
         keep = torch.isfinite(c) & torch.isfinite(r)  # a histogram cannot place NaN / inf

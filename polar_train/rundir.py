@@ -2,12 +2,14 @@
 
 ``preflight(cfg)`` looks at every input a run needs (data files, model folder, weight headers,
 tokenizer) in about a second, so a typo fails before minutes of tokenizing or loading 15 GB
-of weights. ``prepare_output_dir`` refuses an ``output_dir`` that holds a different run and
-writes ``config.yaml``; ``write_skipped_rows`` lists every row ``data.on_error=skip`` left out.
+of weights. ``hold_output_dir`` keeps a second run out of a folder in use; ``prepare_output_dir``
+refuses an ``output_dir`` that holds a different run and writes ``config.yaml``;
+``write_skipped_rows`` lists every row ``data.on_error=skip`` left out.
 
 An output directory after a run::
 
     output_dir/
+      .polar-train.lock    flock-ed by rank 0 while a run lives; says which process held it last
       config.yaml          the resolved config (prepare_output_dir); a resume must match it
       skipped_rows.jsonl   {"split", "source": "FILE:LINE", "reason"} per bad row (only if any)
       train.log, metrics, checkpoints/, hf/   (train.py)
@@ -15,48 +17,32 @@ An output directory after a run::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from polar_train.config import Config, to_dict
+from polar_train.config import ALIASES, Config, resumable_keys, to_dict
 from polar_train.data import SkippedRow
 from polar_train.errors import UserError
+from polar_train.files import write_text
 
 log = logging.getLogger("polar_train")
 
 CONFIG_FILE = "config.yaml"
 SKIPPED_ROWS_FILE = "skipped_rows.jsonl"
 
-# Config keys a resume may change: they decide how often things are logged, evaluated and saved,
-# how fast or in how much memory it runs, or when it stops, but not what one step trains.
-# Every other key (model, data files, lengths, seed, loss, lr, pairs_per_step, ZeRO stage, ...)
-# must match the run already in the directory. A new config key counts as one that matters
-# until it is listed here.
-RESUMABLE_KEYS = frozenset({
-    "output_dir",  # the same folder, maybe spelled differently
-    "model.attention",
-    "model.gradient_checkpointing",
-    "data.eval_files",
-    "data.cache_dir",
-    "train.epochs",
-    "train.max_steps",
-    "train.eval_steps",
-    "train.log_steps",
-    "train.save_steps",
-    "train.save_total_limit",
-    "train.resume",
-    "train.max_bad_steps",
-    "train.export_dtype",
-    "deepspeed.offload_optimizer",
-    "deepspeed.offload_params",
-    "deepspeed.timeout_minutes",
-})
+LOCK_FILE = ".polar-train.lock"
+
+# Config keys a resume may change: the fields marked ``resumable`` in config.py (how often things
+# are logged, evaluated and saved, how fast, in how much memory or on which engine, ZeRO stage,
+# precision or number of ranks a step runs, or when the run stops), not what one step trains.
+RESUMABLE_KEYS = resumable_keys()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -84,11 +70,13 @@ def training_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
 
     Keys in ``RESUMABLE_KEYS`` are ignored, and so are keys only one side has (a config saved by
     an older or newer polar-train). ``model.fresh.*`` is ignored when both use ``model.path``.
+    Old key names (``config.ALIASES``: a run folder written before a key moved) count as their
+    new names.
 
-    >>> training_differences({"train": {"lr": 1e-5, "log_steps": 1}}, {"train": {"lr": 2e-5, "log_steps": 9}})
-    [('train.lr', 1e-05, 2e-05)]
+    >>> training_differences({"train": {"lr": 1e-5, "log_steps": 1}}, {"optimizer": {"lr": 2e-5}, "train": {"log_steps": 9}})
+    [('optimizer.lr', 1e-05, 2e-05)]
     """
-    old_flat, new_flat = flatten(old), flatten(new)
+    old_flat, new_flat = ({ALIASES.get(k, k): v for k, v in flatten(tree).items()} for tree in (old, new))
     both_use_path = bool(old_flat.get("model.path")) and bool(new_flat.get("model.path"))
     diffs = []
     for key in sorted(old_flat.keys() & new_flat.keys(), key=list(new_flat).index):
@@ -110,7 +98,7 @@ def prepare_output_dir(out: str | os.PathLike[str], cfg: Config) -> None:
     - ``out`` holds other files but no ``config.yaml`` (not a polar-train run: a data folder, a
       checkpoint, a folder of runs): ``UserError``.
 
-    Safe to call from every rank at once: the check only reads, and the write is atomic.
+    Training calls it on rank 0 only, holding ``hold_output_dir``; the other ranks wait.
     """
     out = Path(out)
     saved = out / CONFIG_FILE
@@ -142,7 +130,7 @@ def prepare_output_dir(out: str | os.PathLike[str], cfg: Config) -> None:
                         "set output_dir to a new or empty folder: a run writes hf/ and checkpoints/ into it")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomically(saved, yaml.safe_dump(new, sort_keys=False))
+        write_text(saved, yaml.safe_dump(new, sort_keys=False))
     except OSError as error:
         raise UserError(getattr(error, "filename", None) or out, f"cannot write the output folder: {error.strerror or error}",
                         "set output_dir to a folder you can write to") from None
@@ -163,19 +151,48 @@ def write_skipped_rows(out: str | os.PathLike[str], skipped: Mapping[str, Sequen
     if not rows:
         path.unlink(missing_ok=True)
         return None
-    _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     first = ", ".join(row["source"] for row in rows[:5])
     log.warning("data: %d bad rows skipped (first: %s); all listed in %s", len(rows), first, path)
     return path
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextlib.contextmanager
+def hold_output_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold ``out/.polar-train.lock`` for the life of the block: one run per output folder.
+
+    An exclusive ``fcntl.flock`` on the lock file: the OS releases it when this process ends in
+    any way (a crash, SIGKILL, the node rebooting), so no stale lock is ever left behind; the file
+    itself stays and only says who held it last (``pid`` and ``host``). A second run on the same
+    folder gets a ``UserError`` naming the process that holds it. Creates ``out`` if needed.
+    (flock works between processes of one machine, and on most network file systems between
+    machines; on one that ignores it the lock never refuses.)
+    """
+    import fcntl
+    import socket
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(out, "output_dir exists and is not a folder", "set output_dir to a new folder")
+    path = out / LOCK_FILE
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise UserError(getattr(error, "filename", None) or out, f"cannot write the output folder: {error.strerror or error}",
+                        "set output_dir to a folder you can write to") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise UserError(out, f"output_dir is in use by another run ({holder})",
+                            "wait for that run to end or stop it, or set another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        yield out
     finally:
-        tmp.unlink(missing_ok=True)
+        os.close(fd)  # releases the lock
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +222,7 @@ def preflight(cfg: Config) -> None:
     if not Path(tokenizer_path).is_dir():
         key = "model.path" if cfg.model.path else "model.fresh.tokenizer"
         raise UserError(tokenizer_path, f"tokenizer folder not found ({key})", "give the folder that holds tokenizer.json or tokenizer.model")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
     special_token_ids(tokenizer, model_config.reward_token_id if model_config else None)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:
         raise UserError(tokenizer_path, f"the tokenizer has {len(tokenizer)} tokens but config.json has vocab_size "
@@ -234,16 +251,17 @@ def check_data_file(name: str, key: str = "data.train_files") -> None:
         raise UserError(name, "the data file is empty", "the file must hold one JSON object per line")
 
 
-def check_model_folder(path: str | os.PathLike[str]) -> Any:
+def check_model_folder(path: str | os.PathLike[str], key: str = "model.path") -> Any:
     """Check a HF checkpoint folder without loading weights; returns its ``ModelConfig``.
 
-    Reads ``config.json`` and the tensor names and shapes in the safetensors headers (a few
-    KB per shard; legacy ``.bin`` files are memory-mapped), and compares them with the shapes the
-    config implies.
+    Reads ``config.json``, the weight index and the tensor names and shapes in the safetensors
+    headers (a few KB per shard; legacy ``.bin`` files are memory-mapped), checks that each
+    shard is as long as its header says (a truncated download), and compares the shapes with
+    the ones the config implies. ``key`` names where the path came from (``--model``).
     """
     from polar_train.model.hf import check_checkpoint_folder, check_tensors, checkpoint_shapes, weight_files
 
-    config = check_checkpoint_folder(path, key="model.path")
+    config = check_checkpoint_folder(path, key=key)
     _, files = weight_files(path)
     shapes = checkpoint_shapes(path)
     where = str(files[0] if len(files) == 1 else files[0].parent)

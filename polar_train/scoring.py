@@ -46,7 +46,8 @@ from transformers import PreTrainedTokenizerBase
 
 from polar_train.data import WRAPPERS, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
 from polar_train.errors import UserError
-from polar_train.evaluate import InferenceStats, group_rewards, pair_report, write_atomically, write_report
+from polar_train.evaluate import InferenceStats, autocast_to, group_rewards, pair_report, write_report
+from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
 from polar_train.reporting import setup_logging
 from polar_train.tokenizer import load_tokenizer, special_token_ids
@@ -209,8 +210,7 @@ def score_rows(
     items = [row if isinstance(row, ScoreItem) else to_item(row, f"row {i}") for i, row in enumerate(rows, start=1)]
     config = getattr(model, "config", None)
     sep_id, reward_id = special_token_ids(tokenizer, getattr(config, "reward_token_id", None))
-    # Dynamic RoPE gives a sequence longer than max_position_embeddings its own base: no sharing then.
-    share_max_len = config.max_position_embeddings if getattr(config, "rope_type", None) == "dynamic" else None
+    share_max_len = config.share_max_len if config is not None else None
 
     out = [dict(item.raw) for item in items]
     groups: list[list[list[int]]] = []  # group -> its sequences' ids
@@ -259,8 +259,9 @@ def score_rows(
         bar.update(finished)
 
     try:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
         rewards = group_rewards(model, groups, max_tokens=max_tokens, share_max_len=share_max_len, device=device,
-                                autocast_dtype=autocast_dtype, on_forward=advance, stats=stats.inference)
+                                autocast=autocast_to(autocast_dtype, device), on_forward=advance, stats=stats.inference)
     finally:
         bar.close()
     for g, values in enumerate(rewards):
@@ -278,7 +279,7 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(path, text)
     return path
 
 
@@ -356,12 +357,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_scorer(model_dir: str | os.PathLike[str], *, device: str = "auto", dtype: str = "auto",
-                attention: str = "auto") -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
-    """The reward model (weights in ``dtype``, on ``device``) and the tokenizer of a checkpoint folder."""
+                attention: str = "auto", trust_remote_code: bool = False) -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
+    """The reward model (weights in ``dtype``, on ``device``) and the tokenizer of a checkpoint folder
+    (``trust_remote_code``: allow the folder's tokenizer code to run, see ``load_tokenizer``)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code, opt_in="--trust-remote-code")  # before the weights
     model = load_model(model_dir, attention=attention, dtype=torch_dtype, device=torch_device)
-    tokenizer = load_tokenizer(model_dir)
     special_token_ids(tokenizer, model.config.reward_token_id)  # fail early on a mismatched tokenizer
     logger.info("model %s on %s in %s, attention %s", model_dir, torch_device, str(torch_dtype).removeprefix("torch."),
                 model.attention)
@@ -376,11 +378,21 @@ def _options(args: argparse.Namespace) -> dict[str, int]:
     return {"max_length": args.max_length, "max_response_length": args.max_response_length, "max_tokens": args.max_tokens}
 
 
+def scorer_from_args(args: argparse.Namespace) -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
+    """``load_scorer`` for ``score`` / ``eval``, after a header-only check of the model folder (a
+    damaged download is one line naming the file, before any weight loads)."""
+    from polar_train.rundir import check_model_folder
+
+    check_model_folder(args.model, key="--model")
+    return load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+                       trust_remote_code=args.trust_remote_code)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """``polar-train score --model DIR --data IN.jsonl --output OUT.jsonl``."""
     setup_logging()
     options = _options(args)
-    model, tokenizer = load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    model, tokenizer = scorer_from_args(args)
     score_file(model, tokenizer, args.data, args.output, **options)
     return 0
 
@@ -389,7 +401,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``polar-train eval --model DIR --data pairs.jsonl --output-dir D``."""
     setup_logging()
     options = _options(args)
-    model, tokenizer = load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention)
+    model, tokenizer = scorer_from_args(args)
     settings = {"model": str(args.model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "device": str(next(model.parameters()).device), "attention": model.attention}
     eval_file(model, tokenizer, args.data, args.output_dir, settings=settings, **options)

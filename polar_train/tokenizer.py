@@ -17,7 +17,6 @@ tokenizer works (the real 92k-token InternLM2 one, the tiny ones used by the dem
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import os
@@ -37,20 +36,27 @@ UNK_TOKEN, BOS_TOKEN, EOS_TOKEN = "<unk>", "<s>", "</s>"
 
 # A folder holds a tokenizer when it has one of these (fast json, sentencepiece, BPE/WordPiece vocab).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+# Every file that makes up a folder's tokenizer: the data cache hashes them, an export copies them.
+# (tokenizer*.json covers tokenizer.json and tokenizer_config.json.)
+TOKENIZER_FILE_PATTERNS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+                           "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "*.tiktoken",
+                           "chat_template.jinja", "tokenization_*.py")
 # Real POLAR checkpoints ship InternLM2's tokenizer as remote code (tokenizer_config.json auto_map).
 REMOTE_TOKENIZER_GLOB = "tokenization_internlm2*.py"
 
 
-def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = False,
+                   opt_in: str = "model.trust_remote_code=true") -> PreTrainedTokenizerBase:
     """Load the tokenizer stored in the folder ``path`` (a checkpoint or a tokenizer-only folder).
 
     Plain ``AutoTokenizer`` first (``trust_remote_code=False`` explicitly, so transformers never
     stops to ask on a terminal). POLAR base checkpoints declare their tokenizer as remote code
     (``tokenization_internlm2.py`` + a sentencepiece ``tokenizer.model``), which plain loading
-    refuses; only then, and only when such a file is in the folder, the tokenizer is loaded with
-    ``trust_remote_code=True``. That executes the *tokenizer* code that ships with the checkpoint
-    the user chose; the model itself never runs remote code (polar_train has its own
-    InternLM2 implementation).
+    refuses. Running that code is the user's explicit choice, as in Hugging Face's own
+    convention: with ``trust_remote_code`` the folder's tokenizer code runs; without it a
+    ``UserError`` names the file that would run and ``opt_in``, the setting that allows it
+    (``model.trust_remote_code=true`` in a config, ``--trust-remote-code`` on the command line).
+    The model itself never runs remote code (polar_train has its own InternLM2 implementation).
 
     Raises ``UserError`` when the folder does not exist, holds no tokenizer, or fails to load.
     """
@@ -73,6 +79,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
         remote_files = sorted(folder.glob(REMOTE_TOKENIZER_GLOB))
         if not remote_files:
             raise UserError(where, f"could not load the tokenizer: {plain_error}", "check the tokenizer files in this folder") from plain_error
+        if not trust_remote_code:
+            raise UserError(remote_files[0], "the tokenizer is Python code shipped with the model, and loading it runs "
+                            "this file", f"if you trust this folder, allow it with {opt_in}") from None
         try:
             with _quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)

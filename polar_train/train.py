@@ -13,6 +13,8 @@ its own share, and the figures of a step are summed over ranks once per step.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -21,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +31,17 @@ import torch
 from tqdm.auto import tqdm
 
 from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, save_checkpoint
-from polar_train.config import Config
+from polar_train.config import Config, LossSection
 from polar_train.data import SkippedRow, load_pair_dataset
 from polar_train.engine import Engine, build_engine, distributed, lr_at
 from polar_train.errors import TrainingError, UserError
-from polar_train.evaluate import pair_report, write_report
+from polar_train.evaluate import Ranks, pair_report, pair_rewards, write_report
 from polar_train.export import export_hf
 from polar_train.loss import pair_losses, pair_stats, summarize
 from polar_train.model.build import ModelSource
 from polar_train.packing import StepPlanner, pack_step, pair_cost
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
-from polar_train.rundir import preflight, prepare_output_dir, write_skipped_rows
+from polar_train.rundir import hold_output_dir, preflight, prepare_output_dir, write_skipped_rows
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")
@@ -46,29 +49,33 @@ log = logging.getLogger("polar_train")
 
 @dataclass
 class PairSet:
-    """Token-id pairs that fit the micro-batch budget, and how many did not."""
+    """Token-id pairs (for training: those that fit the micro-batch budget), and what was left out."""
 
     pairs: list[tuple[list[int], list[int]]]
     costs: list[int]
-    num_over_budget: int
+    num_over_budget: int  # pairs costlier than data.max_tokens (training drops them; eval runs them apart)
     skipped: list[SkippedRow]  # malformed rows left out (data.on_error=skip)
+    counts: dict[str, int]  # the eval report's counts (num_dropped: pairs over data.max_length; truncations)
 
 
 def run(cfg: Config) -> dict[str, float]:
     """Train, evaluate and export; returns the final eval metrics (or the last train ones)."""
     out = Path(cfg.output_dir)
     preflight(cfg)  # every input checked in about a second, before any heavy work
-    with distributed(cfg.deepspeed) as dist, StopSignals() as stop:
-        prepare_output_dir(out, cfg)  # refuses a folder holding a different run
+    with distributed(cfg.deepspeed) as dist, StopSignals() as stop, contextlib.ExitStack() as held:
+        with dist.rank_zero_first("preparing the output folder"):  # rank 0 alone writes the run files
+            if dist.rank == 0:  # one run per folder: locked until this process ends, however it ends
+                held.enter_context(hold_output_dir(out))
+                prepare_output_dir(out, cfg)  # refuses a folder holding a different run
         setup_logging(out / "train.log", rank=dist.rank)
         torch.manual_seed(cfg.seed)
         # rank 0 picks the checkpoint and checks its files (one line if damaged), before any heavy work
         resume_from = dist.decide_on_rank_zero("choosing the checkpoint to resume from", lambda: find_resume(cfg))
 
         source = ModelSource.from_config(cfg.model, cfg.seed)
-        tokenizer = load_tokenizer(source.files_dir)
+        tokenizer = load_tokenizer(source.files_dir, trust_remote_code=cfg.model.trust_remote_code)
         special_token_ids(tokenizer, source.config.reward_token_id)
-        share_max_len = source.config.max_position_embeddings if source.config.rope_scaling else None
+        share_max_len = source.config.share_max_len
         with dist.rank_zero_first("tokenizing the data"):  # rank 0 fills the dataset cache
             train_set = load_pairs(cfg, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train")
             eval_set = load_pairs(cfg, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval") if cfg.data.eval_files else None
@@ -86,17 +93,22 @@ def run(cfg: Config) -> dict[str, float]:
         log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention, engine.precision,
                  dist.world_size, engine.kind, f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else "", dist.device)
         log.info("%d train pairs, %d steps of %d pairs", len(train_set.pairs), total_steps, cfg.train.pairs_per_step)
+        losses_of = loss_function(cfg.loss)
 
         def evaluate(step: int) -> dict[str, float]:
             if eval_set is None:
                 return {}
-            chosen, rejected = eval_rewards(engine, eval_set, cfg, share_max_len).unbind(1)  # [N] each
-            metrics = eval_metrics(chosen, rejected, cfg)
-            state.eval_report = pair_report(chosen.cpu(), rejected.cpu(), num_dropped=eval_set.num_over_budget)
+            # the one packed-inference path of `polar-train eval` and `score`, split over the ranks
+            chosen, rejected = pair_rewards(engine.model, eval_set.pairs, max_tokens=cfg.data.max_tokens,
+                                            shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len,
+                                            device=dist.device, autocast=engine.autocast,
+                                            ranks=Ranks(dist.rank, dist.world_size, engine.all_reduce_sum))  # [N] each
+            metrics = eval_metrics(chosen, rejected, losses_of)
+            state.eval_report = pair_report(chosen, rejected, **eval_set.counts)
             if dist.rank == 0:  # eval/step-N/report.json; the final one, with its plots, next to hf/
                 final = step == total_steps
                 write_report(state.eval_report, out / "eval" / ("final" if final else f"step-{step}"),
-                             chosen.cpu(), rejected.cpu(), plots=final)
+                             chosen, rejected, plots=final)
             writer.write(step, "eval", metrics)
             log.info("eval step %d | %s", step, format_metrics(metrics, ("loss", "accuracy", "margin")))
             return metrics
@@ -120,9 +132,7 @@ def run(cfg: Config) -> dict[str, float]:
                 with engine.autocast():
                     rewards = engine.model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()  # [2P]
                 chosen, rejected = rewards.chunk(2)
-                losses = mb.pair_weight * pair_losses(
-                    chosen, rejected, loss=cfg.train.loss, penalty=cfg.train.penalty, penalty_weight=cfg.train.penalty_weight
-                )
+                losses = mb.pair_weight * losses_of(chosen, rejected)
                 # a mean over ALL pairs of the step on all ranks (SPEC 5); the engine undoes DeepSpeed's rank average
                 engine.backward(losses.sum() / step_pairs, last=i == len(micro_batches) - 1)
                 loss_sum += losses.detach().sum()
@@ -158,7 +168,8 @@ def run(cfg: Config) -> dict[str, float]:
             if cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0 and state.step < total_steps:
                 state.last_eval = evaluate(state.step)
             stopping = totals[8] > 0  # SIGTERM / SIGINT reached some rank
-            if stopping or (cfg.train.save_steps and (state.step % cfg.train.save_steps == 0 or state.step == total_steps)):
+            save_steps = cfg.checkpoint.save_steps
+            if stopping or (save_steps and (state.step % save_steps == 0 or state.step == total_steps)):
                 path = save_checkpoint(engine, dist, out, state, cfg, source)
                 log.info("checkpoint %s", path)
             if stopping:
@@ -179,7 +190,7 @@ class NonFiniteError(TrainingError):
     def __init__(self, step: int, count: int):
         super().__init__(
             f"step {step}", f"{count} steps in a row had a non-finite loss or gradient norm",
-            "lower train.lr, check the data, or raise train.max_bad_steps",
+            "lower optimizer.lr, check the data, or raise train.max_bad_steps",
         )
 
 
@@ -207,17 +218,19 @@ class StopSignals:
 
 
 def resume_command() -> str:
-    """The command line that continues this run (``train.resume=auto``: the latest checkpoint)."""
+    """The command line that continues this run (``checkpoint.resume=auto``: the latest checkpoint)."""
     args = sys.argv[1:]
     if args[:1] != ["train"]:
-        return "run the same training again with train.resume=auto"
-    args = [a for a in args if not a.startswith("train.resume=")] + ["train.resume=auto"]
+        return "run the same training again with checkpoint.resume=auto"
+    args = [a for a in args if not a.startswith(("train.resume=", "checkpoint.resume="))] + ["checkpoint.resume=auto"]
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return f"torchrun <the same launch options> -m polar_train {shlex.join(args)}"
     return f"polar-train {shlex.join(args)}"
 
 
 def load_pairs(cfg: Config, files, tokenizer, tokenizer_path, share_max_len: int | None, split: str) -> PairSet:
+    """The pairs of ``files``. Training drops a pair costlier than ``data.max_tokens`` (a step packs
+    whole pairs); eval keeps it and runs its chosen and rejected apart, as ``polar-train eval`` does."""
     dataset, stats = load_pair_dataset(
         list(files), tokenizer, str(tokenizer_path),
         max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length,
@@ -226,41 +239,29 @@ def load_pairs(cfg: Config, files, tokenizer, tokenizer_path, share_max_len: int
     pairs, costs, over = [], [], 0
     for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"]):
         cost = pair_cost(c, r, cfg.data.shared_prefix, share_max_len)
-        if cost > cfg.data.max_tokens:
-            over += 1
+        over += cost > cfg.data.max_tokens
+        if cost > cfg.data.max_tokens and split == "train":
             continue
         pairs.append((c, r))
         costs.append(cost)
     if over:
-        log.warning("%s data: %d pairs longer than data.max_tokens=%d dropped", split, over, cfg.data.max_tokens)
+        log.warning("%s data: %d pairs longer than data.max_tokens=%d %s", split, over, cfg.data.max_tokens,
+                    "dropped" if split == "train" else "run chosen and rejected apart")
     if not pairs:
         raise UserError(
             ",".join(files), "no pair fits the length limits",
             f"raise data.max_tokens ({cfg.data.max_tokens}) or data.max_length ({cfg.data.max_length})",
         )
-    return PairSet(pairs, costs, over, list(stats.skipped))
+    counts = {"num_dropped": stats.num_too_long, "num_prompt_truncated": stats.num_prompt_truncated,
+              "num_response_truncated": stats.num_response_truncated}
+    return PairSet(pairs, costs, over, list(stats.skipped), counts)
 
 
-@torch.no_grad()
-def eval_rewards(engine: Engine, eval_set: PairSet, cfg: Config, share_max_len: int | None) -> torch.Tensor:
-    """[N, 2] rewards (chosen, rejected) of every eval pair, on every rank. The pairs are split
-    across ranks like a training step (equal micro-batch counts: ZeRO-3 needs every rank in
-    every forward); each rank fills its rows and one all-reduce gathers them."""
-    plan = StepPlanner(eval_set.costs, pairs_per_step=len(eval_set.pairs), max_tokens=cfg.data.max_tokens,
-                       num_ranks=engine.world_size).plan(0, 0)[engine.rank]
-    rewards = torch.zeros(len(eval_set.pairs), 2, device=engine.device)
-    engine.model.eval()
-    for mb in pack_step(plan, eval_set.pairs, shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len):
-        mb = mb.to(engine.device)
-        real = mb.pair_weight > 0  # [P] False for filler pairs
-        ids = torch.tensor(mb.pair_ids, device=engine.device)[real]
-        with engine.autocast():
-            out = engine.model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()  # [2P]
-        rewards[ids] = torch.stack(out.chunk(2), dim=1)[real]  # [P, 2] -> this rank's rows
-    engine.model.train()
-    return engine.all_reduce_sum(rewards)
+def loss_function(loss: LossSection) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``losses_of(chosen, rejected)``: the [P] per-pair losses the ``loss`` section asks for."""
+    return functools.partial(pair_losses, loss=loss.kind, penalty=loss.penalty, penalty_weight=loss.penalty_weight)
 
 
-def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor, cfg: Config) -> dict[str, float]:
-    losses = pair_losses(chosen, rejected, loss=cfg.train.loss, penalty=cfg.train.penalty, penalty_weight=cfg.train.penalty_weight)
-    return summarize(pair_stats(chosen, rejected, torch.ones_like(chosen)), float(losses.sum()))
+def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor, losses_of: Callable) -> dict[str, float]:
+    """metrics.jsonl's eval figures: the training loss and the pair statistics over all eval pairs."""
+    return summarize(pair_stats(chosen, rejected, torch.ones_like(chosen)), float(losses_of(chosen, rejected).sum()))

@@ -2,7 +2,7 @@
 # Multi-node training under SLURM: one torchrun per node, one process per GPU, rendezvous on
 # the first node. Submit from the repository root:
 #   sbatch scripts/slurm_train.sh configs/polar_7b_zero2.yaml model.path=POLAR-7B-Base data.train_files=train.jsonl
-# Resubmitting the same command continues from the latest checkpoint (train.resume=auto).
+# Resubmitting the same command continues from the latest checkpoint (checkpoint.resume=auto).
 #
 #SBATCH --job-name=polar-train
 #SBATCH --nodes=2

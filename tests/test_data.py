@@ -151,8 +151,9 @@ def test_load_tokenizer_errors(tmp_path: Path, fixture_dir: Path) -> None:
             load_tokenizer(fixture_dir)
 
 
-def test_load_tokenizer_falls_back_to_the_folders_internlm2_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A POLAR-style folder: tokenizer declared as remote code; plain loading refuses it."""
+def test_the_folders_tokenizer_code_runs_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A POLAR-style folder: tokenizer declared as remote code; plain loading refuses it. Without
+    the opt-in, one line names the file and the setting, and the code does not run."""
     import transformers.dynamic_module_utils as dynamic
 
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
@@ -163,10 +164,16 @@ def test_load_tokenizer_falls_back_to_the_folders_internlm2_code(tmp_path: Path,
                   auto_map={"AutoTokenizer": [None, "tokenization_internlm2_fast.InternLM2TokenizerFast"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "tokenization_internlm2_fast.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        f"from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n\nPath({str(tmp_path / 'ran')!r}).touch()\n\n"
         "class InternLM2TokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
     )
-    tok = load_tokenizer(folder)
+    for opt_in in ("model.trust_remote_code=true", "--trust-remote-code"):
+        with pytest.raises(UserError, match=f"runs this file \\(if you trust this folder, allow it with {opt_in}\\)") as info:
+            load_tokenizer(folder, opt_in=opt_in)
+        assert info.value.where == str(folder / "tokenization_internlm2_fast.py")
+    assert not (tmp_path / "ran").exists()
+    tok = load_tokenizer(folder, trust_remote_code=True)
+    assert (tmp_path / "ran").exists()
     assert type(tok).__name__ == "InternLM2TokenizerFast"
     assert special_token_ids(tok, None) == (SEP_ID, REWARD_ID)
 

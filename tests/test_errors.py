@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from polar_train import cli, rundir
+from polar_train import cli, rundir, scoring
 from polar_train.config import load_config
 from polar_train.data import SkippedRow, load_pair_dataset
 from polar_train.errors import UserError
@@ -191,7 +191,8 @@ def test_missing_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("override, where, hint", [
     ("data.train_fils=x.jsonl", "data.train_fils", "did you mean data.train_files?"),
-    ("train.lr=fast", "train.lr", "expected a number"),
+    ("train.lr=fast", "train.lr (now optimizer.lr)", "expected a number"),
+    ("optimizer.lr=fast", "optimizer.lr", "expected a number"),
     ("data.on_error=ignore", "data.on_error", "raise, skip"),
 ])
 def test_config_problem_names_the_dotted_key(override, where, hint, tmp_path, capsys, repo_root):
@@ -304,7 +305,7 @@ def test_output_dir_holding_a_different_run(tmp_path, repo_root, tiny_tokenizer_
     args = base_args(tmp_path, tiny_tokenizer_path, data)
     cfg = load_config(repo_root / "configs/demo.yaml", args)
     rundir.prepare_output_dir(out, cfg)
-    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == cfg.train.lr
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["lr"] == cfg.optimizer.lr
 
     rundir.prepare_output_dir(out, cfg)  # the same config: a resume
     longer = load_config(repo_root / "configs/demo.yaml", [*args, "train.max_steps=50", "train.log_steps=7", "train.resume=never",
@@ -318,7 +319,7 @@ def test_output_dir_holding_a_different_run(tmp_path, repo_root, tiny_tokenizer_
     error = info.value
     assert error.where == str(out) and error.exit_code == 2
     assert "seed: 0 -> 7" in error.what and "data.max_length: 256 -> 300" in error.what
-    assert f"train.lr: {cfg.train.lr!r} -> 0.0001" in error.what
+    assert f"optimizer.lr: {cfg.optimizer.lr!r} -> 0.0001" in error.what
     assert error.fix == "use a new output_dir or restore the old value"
     assert yaml.safe_load((out / "config.yaml").read_text())["seed"] == 0  # the old run's config is kept
 
@@ -342,7 +343,7 @@ def test_train_refuses_an_output_dir_of_a_different_run(tmp_path, capsys, repo_r
     args = base_args(tmp_path, tiny_tokenizer_path, data)
     rundir.prepare_output_dir(tmp_path / "run", load_config(repo_root / "configs/demo.yaml", args))
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", *args, "train.lr=0.5")
-    assert_one_error(code, err, 2, str(tmp_path / "run"), "train.lr", "-> 0.5", "use a new output_dir")
+    assert_one_error(code, err, 2, str(tmp_path / "run"), "optimizer.lr", "-> 0.5", "use a new output_dir")
 
 
 # --- 1. The machine: OSError and out-of-memory become one line, exit 1 ------------------------
@@ -407,3 +408,103 @@ def test_bad_device(device, tmp_path, capsys, tiny_model_dir):
     data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
     code, err = run_cli(capsys, "score", "--model", tiny_model_dir, "--data", data, "--output", tmp_path / "o.jsonl", "--device", device)
     assert_one_error(code, err, 2, "--device: ", device)
+
+
+# --- a base folder damaged the way an interrupted download leaves it -------------------------
+
+
+def _truncate_a_shard(model: Path) -> tuple[Path, str]:
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])  # the header is whole, the data is not
+    return shard, "bytes where its header describes"
+
+
+def _remove_a_shard(model: Path) -> tuple[Path, str]:
+    sorted(model.glob("model-*.safetensors"))[-1].unlink()
+    return model / "model.safetensors.index.json", "lists shard(s) that do not exist"
+
+
+def _cut_json(name: str, what: str):
+    def damage(model: Path) -> tuple[Path, str]:
+        (model / name).write_text((model / name).read_text()[:30])
+        return model / name, what
+    return damage
+
+
+def _remove_the_tokenizer(model: Path) -> tuple[Path, str]:
+    for f in [*model.glob("tokenizer*"), model / "special_tokens_map.json"]:
+        f.unlink(missing_ok=True)
+    return model, "no tokenizer in this folder"
+
+
+DAMAGE = {
+    "truncated shard": _truncate_a_shard,
+    "missing shard": _remove_a_shard,
+    "cut config.json": _cut_json("config.json", "is not valid JSON"),
+    "cut weight index": _cut_json("model.safetensors.index.json", "is not a valid weight index"),
+    "no tokenizer files": _remove_the_tokenizer,
+}
+
+
+@pytest.fixture(scope="module")
+def two_shard_model_dir(tmp_path_factory, tiny_model_dir: Path) -> Path:
+    from polar_train.model import load_model
+
+    return save_model(load_model(tiny_model_dir), tmp_path_factory.mktemp("models") / "two_shards",
+                      base_dir=tiny_model_dir, max_shard_size="12KB")
+
+
+@pytest.mark.parametrize("command", ["train", "data", "score", "eval"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_base_folder_is_one_line_naming_the_file(damage, command, tmp_path, capsys, repo_root, two_shard_model_dir):
+    assert len(list(two_shard_model_dir.glob("model-*.safetensors"))) == 2
+    model = copy_dir(two_shard_model_dir, tmp_path / "model")
+    where, what = DAMAGE[damage](model)
+    data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
+    if command in ("train", "data"):
+        argv = [command, repo_root / "configs/demo.yaml", f"model.path={model}", f"data.train_files={data}",
+                "data.eval_files=[]", f"output_dir={tmp_path / 'run'}", "data.cache_dir="]
+    else:
+        argv = [command, "--model", model, "--data", data, "--device", "cpu",
+                *(["--output", tmp_path / "out.jsonl"] if command == "score" else ["--output-dir", tmp_path / "eval"])]
+    code, err = run_cli(capsys, *argv)
+    message = assert_one_error(code, err, 2, f"polar-train: error: {where}: ", what)
+    assert "(" in message.splitlines()[0] and message.rstrip().endswith(")")  # the fix, in parentheses
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "out.jsonl").exists()  # before any work
+
+
+def test_tokenizer_code_in_a_model_folder_runs_only_when_allowed(tmp_path, capsys, monkeypatch, repo_root, tiny_model_dir):
+    """A folder whose tokenizer is code (as POLAR's): `data` and `score` name the file and the opt-in,
+    and the code does not run; --trust-remote-code reaches load_tokenizer (tests/test_data.py runs it)."""
+    model = copy_dir(tiny_model_dir, tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="InternLM2Tokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_internlm2_fast.InternLM2TokenizerFast"]})
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    code_file = model / "tokenization_internlm2_fast.py"
+    code_file.write_text(f"from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n\n"
+                         f"Path({str(tmp_path / 'ran')!r}).touch()\n\n\n"
+                         "class InternLM2TokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
+    # as in POLAR's folders, plain loading cannot read the tokenizer: no tokenizer.json, a tokenizer.model for the code
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.model").write_bytes(b"read by tokenization_internlm2_fast.py only")
+    data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
+    train_args = [f"model.path={model}", f"data.train_files={data}", "data.eval_files=[]", "data.cache_dir="]
+    code, err = run_cli(capsys, "data", repo_root / "configs/demo.yaml", *train_args)
+    assert_one_error(code, err, 2, f"{code_file}: the tokenizer is Python code", "allow it with model.trust_remote_code=true")
+    score = ["score", "--model", model, "--data", data, "--output", tmp_path / "out.jsonl", "--device", "cpu"]
+    code, err = run_cli(capsys, *score)
+    assert_one_error(code, err, 2, f"{code_file}: the tokenizer is Python code", "allow it with --trust-remote-code")
+    assert not (tmp_path / "ran").exists()
+    seen = {}
+
+    def record(path, **options):
+        seen.update(options)
+        raise UserError(path, "recorded", "test")
+
+    monkeypatch.setattr(scoring, "load_tokenizer", record)
+    assert run_cli(capsys, *score, "--trust-remote-code")[0] == 2
+    assert seen == {"trust_remote_code": True, "opt_in": "--trust-remote-code"}
+    code, err = run_cli(capsys, "data", repo_root / "configs/demo.yaml", *train_args, "model.trust_remote_code=true")
+    assert (tmp_path / "ran").exists()  # allowed: the folder's code ran (and failed on this stand-in tokenizer.model)
+    assert_one_error(code, err, 2, f"{model}: could not load the tokenizer", "with its remote code")

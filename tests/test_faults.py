@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import polar_train.train as train_module
 from polar_train.checkpoint import COMPLETE, ShardWriter, complete_checkpoints
 from polar_train.cli import main as cli_main
 from polar_train.engine.torch import TorchEngine
+from polar_train.errors import UserError
 from polar_train.loss import pair_losses
+from polar_train.rundir import LOCK_FILE, hold_output_dir
 
 from test_resume import (  # noqa: F401
     assert_same_weights, make_run_folder, metric_rows, one_thread, start_training, train, train_losses, wait_for,
@@ -124,7 +127,7 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(run_folder: Path) -
             proc.kill()
     log = (run_folder / "proc.log").read_text()
     assert "SIGTERM: finishing this step" in log
-    assert "resume with:\n  polar-train train cfg.yaml output_dir=stopped train.max_steps=40 train.resume=auto" in log
+    assert "resume with:\n  polar-train train cfg.yaml output_dir=stopped train.max_steps=40 checkpoint.resume=auto" in log
     stopped_at = last_train_step(run_folder / "stopped")
     assert 2 <= stopped_at < 40 and not (run_folder / "stopped" / "hf").exists()
     assert [s for s, _ in complete_checkpoints(run_folder / "stopped")] == [stopped_at]
@@ -152,3 +155,40 @@ def test_a_dead_rank_ends_the_job_instead_of_hanging(run_folder: Path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert code != 0
     assert elapsed < 120
+
+
+# --- one run per output folder ----------------------------------------------------------------
+
+
+def test_a_held_output_dir_refuses_a_second_holder_and_is_free_after(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with hold_output_dir(out):
+        holder = (out / LOCK_FILE).read_text()
+        assert holder == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+        with pytest.raises(UserError, match=rf"output_dir is in use by another run \(pid {os.getpid()} on host "):
+            with hold_output_dir(out):
+                pass
+    with hold_output_dir(out):  # released on exit
+        pass
+
+
+@pytest.mark.slow
+def test_second_run_on_a_folder_in_use_refuses_and_a_sigkill_leaves_no_stale_lock(run_folder: Path, capsys) -> None:
+    proc = start_training(run_folder, "output_dir=busy", "train.max_steps=500")
+    lock = run_folder / "busy" / LOCK_FILE
+    try:
+        wait_for(lambda: lock.exists() and f"pid {proc.pid} " in lock.read_text(), timeout=120, proc=proc)
+        code = cli_main(["train", str(run_folder / "cfg.yaml"), f"output_dir={run_folder / 'busy'}", "train.max_steps=500",
+                         f"model.fresh.tokenizer={run_folder / 'tok'}", f"data.train_files={run_folder / 'train.jsonl'}",
+                         f"data.eval_files={run_folder / 'eval.jsonl'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert (f"polar-train: error: {run_folder / 'busy'}: output_dir is in use by another run "
+                f"(pid {proc.pid} on host {socket.gethostname()}) (wait for that run to end or stop it") in err
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with hold_output_dir(run_folder / "busy"):  # the killed run's lock went with it
+        assert f"pid {os.getpid()} " in lock.read_text()

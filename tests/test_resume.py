@@ -232,7 +232,7 @@ def test_incomplete_checkpoints_are_ignored_and_reported(run_folder: Path, capsy
     assert resolve_checkpoint(out, "x") == root / "step-3"
     with pytest.raises(UserError, match="incomplete checkpoint"):
         resolve_checkpoint(root / "step-4", "train.resume")
-    cfg.train.resume = "never"
+    cfg.checkpoint.resume = "never"
     with pytest.raises(UserError, match="earlier run's checkpoints"):
         find_resume(cfg)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from polar_train.checkpoint import CheckpointState, ShardWriter, TrainerState, check_checkpoint, read_meta, save_checkpoint
 from polar_train.engine import Dist, build_engine
@@ -121,6 +122,22 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path: Path) -> Non
 def test_two_rank_zero2_checkpoint_continues_on_one_process(runs: Path) -> None:
     run(in_process_config(runs, "zero2_to_one", *STEPS, f"train.resume={runs / 'zero2' / 'checkpoints' / 'step-3'}"))
     assert_matches_one_process_run(runs / "zero2_to_one", runs)
+
+
+@pytest.mark.slow
+def test_two_rank_zero2_run_continues_on_one_process_in_the_same_output_dir(runs: Path) -> None:
+    """The README promise in its plainest form: the same command, same output_dir, on another
+    launch (one process, no DeepSpeed) picks up the 2-rank ZeRO-2 run's latest checkpoint."""
+    out = runs / "zero2_then_one"
+    shutil.copytree(runs / "zero2", out)  # the 2-rank run, as if stopped right after its step-3 checkpoint
+    shutil.rmtree(out / "checkpoints" / "step-6")
+    shutil.rmtree(out / "hf")
+    train(runs, "output_dir=zero2_then_one", *STEPS)  # deepspeed.enabled=false; train.resume=auto (the default)
+    zero2 = runs / "zero2"
+    assert [(r["step"], r["split"]) for r in metric_rows(out)] == [(r["step"], r["split"]) for r in metric_rows(zero2)]
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(zero2)), rtol=1e-4, atol=0)
+    assert "restoring it by parameter name" in (out / "train.log").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["deepspeed"]["enabled"] is False  # this launch's config
 
 
 @pytest.mark.slow

@@ -27,24 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from polar_train.errors import UserError
+from polar_train.files import fsync_tree, temporary_name
 from polar_train.model.attention import resolve_attention
+from polar_train.model.card import MODEL_CARD, TRAINING_CONFIG, model_card, training_config_yaml
 from polar_train.model.internlm2 import InternLM2RewardModel, ModelConfig
+from polar_train.tokenizer import TOKENIZER_FILE_PATTERNS
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
-# Copied from the base folder besides every *.py (tokenizer*.json covers tokenizer.json and
-# tokenizer_config.json).
-SIDE_FILES = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
-              "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja",
-              "generation_config.json")
-MODEL_CARD = "README.md"
-TRAINING_CONFIG = "training_config.yaml"
+# Copied from the base folder besides every *.py: the tokenizer's files and the generation defaults.
+SIDE_FILES = (*TOKENIZER_FILE_PATTERNS, "generation_config.json")
 LM_HEAD = "output.weight"  # InternLM2ForCausalLM's head, ignored when loading an LM as a reward model
 
 
@@ -111,8 +110,9 @@ def weight_files(path: str | os.PathLike[str]) -> tuple[str, list[Path]]:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(index, f"is not a valid weight index ({e!r})", "re-export the checkpoint") from None
+            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise UserError(index, f"is not a valid weight index ({e!r})",
+                                "the download may be incomplete: fetch it again, or re-export the checkpoint") from None
             files = sorted({path / f for f in weight_map.values()})
             absent = [f.name for f in files if not f.is_file()]
             if absent:
@@ -177,7 +177,11 @@ def safetensors_shapes(file: str | os.PathLike[str]) -> dict[str, tuple[int, ...
             header = json.loads(f.read(size))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+        tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+        expected = 8 + size + max((info["data_offsets"][1] for info in tensors.values()), default=0)
+        if file.stat().st_size < expected:  # an interrupted download: the header is whole, the data is not
+            raise ValueError(f"{file.stat().st_size} bytes where its header describes {expected}")
+        return {name: tuple(info["shape"]) for name, info in tensors.items()}
     except OSError as error:
         raise UserError(file, f"cannot read the weights: {error.strerror or error}", "check the file's permissions") from None
     except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
@@ -257,19 +261,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _plan_shards(sizes: dict[str, int], limit: int) -> list[list[str]]:
-    """Greedy in state-dict order; a tensor larger than ``limit`` gets a shard of its own."""
-    shards: list[list[str]] = [[]]
-    used = 0
-    for name, nbytes in sizes.items():
-        if shards[-1] and used + nbytes > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(name)
-        used += nbytes
-    return shards
-
-
 def _side_files(base_dir: Path) -> Iterator[Path]:
     seen: set[Path] = set()
     for pattern in ("*.py", *SIDE_FILES):
@@ -297,8 +288,12 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
         return t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
 
     out_dtype = dtype or next(iter(state_dict.values())).dtype
-    sizes = {k: v.numel() * (dtype or v.dtype).itemsize for k, v in state_dict.items()}
-    shards = _plan_shards(sizes, limit)
+    # huggingface_hub's split, greedy in state-dict order (a tensor over the limit alone), sized in
+    # the export dtype (meta tensors: no memory); the shards are always named -0000k-of-0000n, even one
+    planned = {k: torch.empty(v.shape, dtype=dtype or v.dtype, device="meta") for k, v in state_dict.items()}
+    split = split_state_dict_into_shards_factory(planned, get_storage_size=lambda t: t.nbytes, max_shard_size=limit,
+                                                 filename_pattern="model{suffix}.safetensors")
+    shards = list(split.filename_to_tensors.values())
     raw = json.loads(json.dumps(config.raw))  # every original key, deep-copied
     raw["torch_dtype"] = str(out_dtype).removeprefix("torch.")
     if "dtype" in raw:  # transformers 5 writes `dtype`; keep both in step
@@ -307,8 +302,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
         raw["reward_token_id"] = config.reward_token_id
     raw.update(extra_config or {})
 
-    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_name(out_dir)
     try:
         tmp.mkdir(parents=True)
         if base_dir is not None:
@@ -316,21 +310,23 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
                 shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if training_config is not None:
-            (tmp / TRAINING_CONFIG).write_text(_yaml(training_config), encoding="utf-8")
+            (tmp / TRAINING_CONFIG).write_text(training_config_yaml(training_config), encoding="utf-8")
         weight_map: dict[str, str] = {}
         for i, names in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             save_file({n: cast(state_dict[n]) for n in names}, str(tmp / file), metadata={"format": "pt"})
             weight_map.update((n, file) for n in names)
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(weight_map.items()))}
         (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        card = model_card(raw, tmp, name=out_dir.name, base_dir=base_dir, num_shards=len(shards),
+        card = model_card(raw, tmp, name=out_dir.name, base_dir=base_dir, index_name=SAFE_INDEX,
+                          num_shards=len(shards),
                           num_parameters=sum(v.numel() for v in state_dict.values()),
                           eval_report=eval_report, has_training_config=training_config is not None)
         (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
+        fsync_tree(tmp)
         # Swap in: a crash before this point leaves any previous export untouched.
         if out_dir.exists():
-            old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+            old = temporary_name(out_dir.parent / f"{out_dir.name}.old")
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -355,7 +351,7 @@ def save_model(model: InternLM2RewardModel, out_dir: str | Path, *, base_dir: st
     ``generation_config.json`` of ``base_dir``. Adds ``README.md`` (a model card; with
     ``eval_report``, a ``pair_report`` dict, it lists the eval figures) and, with
     ``training_config`` (the resolved config as a dict, or a dataclass), ``training_config.yaml``.
-    ``dtype`` None keeps the model's. Written to ``<out_dir>.tmp-<pid>`` and renamed into place.
+    ``dtype`` None keeps the model's. Written to a hidden temporary folder and renamed into place.
     Returns ``out_dir``.
 
     >>> save_model(model, "runs/demo/hf", base_dir="POLAR-7B-Base", dtype=torch.bfloat16,
@@ -364,117 +360,3 @@ def save_model(model: InternLM2RewardModel, out_dir: str | Path, *, base_dir: st
     return save_state_dict(model.state_dict(), model.config, out_dir, base_dir=base_dir, dtype=dtype,
                            max_shard_size=max_shard_size, extra_config=extra_config,
                            training_config=training_config, eval_report=eval_report)
-
-
-# ---------------------------------------------------------------------------------------------
-# The additions: training_config.yaml and the model card
-# ---------------------------------------------------------------------------------------------
-
-
-def _yaml(config: Mapping[str, Any] | Any) -> str:
-    """The training config as YAML; a dataclass is turned into a dict, paths and tuples into
-    strings and lists (plain types only, so ``yaml.safe_load`` reads it back)."""
-    import dataclasses
-
-    import yaml
-
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    if not isinstance(config, Mapping):
-        raise TypeError(f"training_config must be a dict or a dataclass, not {type(config).__name__}")
-    plain = json.loads(json.dumps(config, default=str))
-    return "# The resolved training config of this model (polar-train).\n" + yaml.safe_dump(plain, sort_keys=False)
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-
-
-def _number(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
-
-
-def _eval_section(report: Mapping[str, Any]) -> list[str]:
-    lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
-    for key in ("pairs", "accuracy", "ties", "mean_margin", "ranking_loss", "reward_mean", "reward_std"):
-        if key in report:
-            lines.append(f"| {key} | {_number(report[key])} |")
-    for key, value in report.items():
-        if key.startswith("num_") and isinstance(value, int):
-            lines.append(f"| {key} | {value} |")
-    stats = [k for k in ("chosen", "rejected", "margin") if isinstance(report.get(k), Mapping)]
-    if stats:
-        columns = [c for c in ("mean", "std", "p5", "p25", "p50", "p75", "p95") if c in report[stats[0]]]
-        lines += ["", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        lines += [f"| {k} | " + " | ".join(_number(report[k].get(c)) for c in columns) + " |" for k in stats]
-    lines += ["", "`reward_mean` / `reward_std` are over all chosen and rejected rewards: use them to "
-              "normalise rewards in RL.", ""]
-    return lines
-
-
-def model_card(config: Mapping[str, Any], folder: Path, *, name: str, base_dir: str | Path | None = None,
-               num_shards: int = 1, num_parameters: int = 0, eval_report: Mapping[str, Any] | None = None,
-               has_training_config: bool = False) -> str:
-    """``README.md`` of an export: what it is, how to load it and score with it, the eval figures.
-
-    ``folder`` is the export being written: remote-code loading is described only when the
-    ``*.py`` files that ``auto_map`` names are there.
-    """
-    auto_map = config.get("auto_map") or {}
-    modules = {str(target).split(".")[0] for target in auto_map.values() if isinstance(target, str)}
-    remote_code = bool(modules) and all((folder / f"{m}.py").is_file() for m in modules)
-    dtype = config.get("torch_dtype", "float32")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [reward-model, polar, internlm2, polar-train]",
-        "---",
-        f"# {name}",
-        "",
-        f"A POLAR reward model (`{', '.join(config.get('architectures') or ['InternLM2ForRewardModel'])}`, "
-        f"{_count(num_parameters)} parameters, {dtype}) fine-tuned with polar-train"
-        + (f" from `{Path(base_dir).name}`." if base_dir is not None else "."),
-        f"Weights: {num_shards} safetensors shard(s) with `{SAFE_INDEX}`; tensor names, shapes and "
-        "`config.json` keys are those of the base checkpoint, so engines that serve POLAR serve this "
-        "folder unchanged."
-        + (" The resolved training config is in `training_config.yaml`." if has_training_config else ""),
-        "",
-        "## Input",
-        "",
-        "The reward of an output is the value head at the last token of",
-        "",
-        "    prompt + \"\\n\" + reference + \"<|reward|>\" + prompt + \"\\n\" + output + \"[UNUSED_TOKEN_130]\"",
-        "",
-        "(the `\\n` is left out with the `pretrain` wrapper and before an empty reference or output).",
-        "",
-        "## Usage",
-        "",
-        "Score JSONL rows (`prompt`, `reference`, `output`, or pair rows with `chosen` and `rejected`):",
-        "",
-        "    polar-train score --model <this folder> --data rows.jsonl --output scored.jsonl",
-        "    polar-train eval --model <this folder> --data pairs.jsonl --output-dir eval/",
-        "",
-        "From Python, with polar-train (works with transformers 4.x and 5.x):",
-        "",
-        "    from polar_train.scoring import load_scorer, score_rows",
-        "    model, tokenizer = load_scorer(\"<this folder>\")",
-        "    rows = score_rows(model, tokenizer, [{\"prompt\": ..., \"reference\": ..., \"output\": ...}])",
-        "",
-    ]
-    if remote_code:
-        lines += [
-            "With transformers and the remote code shipped in this folder (as the official POLAR "
-            "models; that code runs with transformers 4.x):",
-            "",
-            "    from transformers import AutoModel, AutoTokenizer",
-            "    model = AutoModel.from_pretrained(\"<this folder>\", trust_remote_code=True)",
-            "    tokenizer = AutoTokenizer.from_pretrained(\"<this folder>\", trust_remote_code=True)",
-            "",
-        ]
-    if eval_report is not None:
-        lines += _eval_section(eval_report)
-    return "\n".join(lines).rstrip("\n") + "\n"

@@ -75,6 +75,12 @@ class ModelConfig:
         return self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
 
     @property
+    def share_max_len(self) -> int | None:
+        """Longest sequence whose common prefix with others may run once (``packing.prefix_to_share``),
+        or None for no limit: dynamic RoPE gives a longer sequence its own base, so its prefix differs."""
+        return self.max_position_embeddings if self.rope_type == "dynamic" else None
+
+    @property
     def rope_factor(self) -> float:
         return float(self.rope_scaling["factor"]) if self.rope_scaling else 1.0
 

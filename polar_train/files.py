@@ -1,0 +1,78 @@
+"""Writing files so that a reader (or a crash) never sees half of one.
+
+``write_atomically(path, write)`` lets ``write`` fill a temporary file next to ``path``, flushes
+it to disk (fsync) and renames it over ``path``; the folder is fsynced too, so the rename itself
+survives a power loss. The temporary name holds a random part, not only the pid: two processes
+in different pid namespaces (containers of a multi-node job) may share a pid.
+
+    write_text("runs/x/config.yaml", yaml.safe_dump(cfg))
+    write_atomically(Path("plot.png"), lambda tmp: fig.savefig(tmp, format="png"))
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+
+def temporary_name(path: str | os.PathLike[str]) -> Path:
+    """A hidden name next to ``path`` that no other writer uses: ``.NAME.tmp-<pid>-<random>``."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def write_atomically(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """``write(tmp)``, fsync ``tmp``, rename it over ``path``, fsync the folder; returns ``path``."""
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return path
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """``text`` as UTF-8 into ``path``, atomically (see ``write_atomically``)."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """``data`` into ``path``, atomically (see ``write_atomically``)."""
+    return write_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and folder under ``root`` (a folder written in place before it is renamed)."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fsync_file(Path(folder) / name)
+        fsync_dir(folder)
