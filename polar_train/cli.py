@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-pairs", help="pre-training pairs from policy samples (POLAR's policy discrimination)")
     p.add_argument("--samples", required=True, nargs="+", metavar="FILE",
-                   help="JSONL samples: prompt, policy, output, optional wrapper (any order, not sorted)")
+                   help="JSONL samples: prompt, policy, output, optional wrapper; rows in any order")
     p.add_argument("--output", required=True, metavar="FILE", help="output JSONL pair rows for `train`")
     p.add_argument("--negatives", type=int, default=1, metavar="N",
                    help="rows per reference/chosen pair, each with a different rejected policy (default 1)")

@@ -102,7 +102,8 @@ class PretrainPairStats:
                 f"({self.num_one_policy_samples} samples), {self.num_no_repeat} without a policy that has two "
                 f"samples ({self.num_no_repeat_samples} samples); {self.num_pairs_short} pairs have fewer than "
                 f"--negatives rejected policies")
-        for what, sources in (("one policy", self.one_policy_sources), ("no repeat", self.no_repeat_sources)):
+        for what, sources in (("one policy only", self.one_policy_sources),
+                              ("no policy with two samples", self.no_repeat_sources)):
             if sources:
                 line += f"; {what}: {', '.join(sources)}"
         return line
@@ -315,7 +316,6 @@ def _groups(path: Path, max_bucket_bytes: int, depth: int) -> Iterator[list[Samp
             for part in parts:
                 yield from _groups(part, max_bucket_bytes, depth + 1)
             return
-        depth = _MAX_SPLIT_DEPTH
         path = next(part for part in parts if part.stat().st_size == size)
     groups: dict[tuple[str, str], list[Sample]] = {}
     for sample in _read_bucket(path):

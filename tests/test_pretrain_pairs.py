@@ -209,7 +209,8 @@ def test_unpairable_prompts_are_counted_and_reported(tmp_path, capsys):
     assert captured.out == (
         f"pretrain-pairs: 2 rows (2 reference/chosen pairs) written to {out} from 8 samples of 3 prompts; "
         "1 prompts paired, 1 with one policy only (3 samples), 1 without a policy that has two samples "
-        f"(2 samples); 0 pairs have fewer than --negatives rejected policies; one policy: {data}:4; no repeat: {data}:7\n"
+        f"(2 samples); 0 pairs have fewer than --negatives rejected policies; one policy only: {data}:4; "
+        f"no policy with two samples: {data}:7\n"
     )
     assert "pretrain-pairs: reading" in captured.err  # the progress bar (stderr)
     assert len(read_rows(out)) == 2
@@ -301,16 +302,18 @@ def test_bad_row_is_one_line_with_file_and_line(case, tmp_path, capsys):
     (["--samples", "missing.jsonl"], "missing.jsonl: samples file not found (give JSONL files of samples to --samples)"),
     (["--samples", "."], ".: is not a file (give JSONL files of samples to --samples)"),
     (["--output", "s.jsonl"], "s.jsonl: the output is also a samples file (write the pairs to another file)"),
+    (["--samples", "s.jsonl", "empty.jsonl"],
+     "empty.jsonl: no samples (the file must hold one JSON object per line with prompt, policy and output)"),
 ])
 def test_bad_arguments_are_one_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_lines(tmp_path / "s.jsonl", [GOOD, {**GOOD, "output": "13"}, {**GOOD, "policy": "b"}])
-    args = {"--samples": "s.jsonl", "--output": "pairs.jsonl", **dict(zip(argv[::2], argv[1::2]))}
-    code = main(["pretrain-pairs", *[x for kv in args.items() for x in kv]])
+    write_lines(tmp_path / "empty.jsonl", ["", " "])
+    code = main(["pretrain-pairs", "--samples", "s.jsonl", "--output", "pairs.jsonl", *argv])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.splitlines() == [f"polar-train: error: {message}"]
-    assert sorted(os.listdir(tmp_path)) == ["s.jsonl"]
+    assert err.splitlines()[-1] == f"polar-train: error: {message}"
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl", "s.jsonl"]
 
 
 def test_bad_row_in_a_subprocess(tmp_path):
