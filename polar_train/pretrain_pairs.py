@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import random
 import shutil
@@ -55,8 +54,6 @@ from tqdm.auto import tqdm
 
 from polar_train.data import WRAPPERS, _json_type, flatten_text
 from polar_train.errors import UserError
-
-logger = logging.getLogger("polar_train")
 
 SAMPLE_FIELDS = ("prompt", "policy", "output")
 DEFAULT_MAX_BUCKET_BYTES = 32 << 20  # bucket bytes grouped in memory at once (x ~3 in Python objects)
@@ -231,10 +228,10 @@ def _pair_rows(group: list[Sample], negatives: int, seed: int, stats: PretrainPa
     """The output rows of one group; counts it in ``stats``."""
     first = group[0]
     triples = plan_group([s.policy for s in group], negatives, _group_rng(seed, first.prompt, first.wrapper))
+    num_policies = len({s.policy for s in group})
     stats.num_prompts += 1
     if not triples:
-        one_policy = len({s.policy for s in group}) == 1
-        if one_policy:
+        if num_policies == 1:
             stats.num_one_policy += 1
             stats.num_one_policy_samples += len(group)
             sources = stats.one_policy_sources
@@ -246,10 +243,9 @@ def _pair_rows(group: list[Sample], negatives: int, seed: int, stats: PretrainPa
             sources.append(first.source)
         return []
     stats.num_paired_prompts += 1
-    num_others = len({s.policy for s in group}) - 1
     pairs = {(reference, chosen) for reference, chosen, _ in triples}
     stats.num_pairs += len(pairs)
-    stats.num_pairs_short += len(pairs) if num_others < negatives else 0
+    stats.num_pairs_short += len(pairs) if num_policies - 1 < negatives else 0
     stats.num_rows += len(triples)
     return [
         {"prompt": first.prompt, "reference": group[r].output, "chosen": group[c].output, "rejected": group[j].output,
