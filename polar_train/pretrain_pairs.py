@@ -17,9 +17,10 @@ Which pairs. Samples are grouped by (prompt text, wrapper): the wrapper decides 
 (SPEC 3), so reference, chosen and rejected always share it. In a group, for every policy A with
 n >= 2 samples, A's samples in a seeded shuffled order s_0 .. s_{n-1} give the n (reference,
 chosen) pairs (s_i, s_{(i+1) mod n}): a cycle, so each sample is the reference once and the chosen
-once, never both in one pair (n = 2 gives both orders). Each pair gets up to ``negatives`` rows,
-each with a different policy B != A, drawn at random from the group's other policies; B's
-sample is the next one of B's shuffled samples (round robin, so B's samples are used evenly).
+once, never both in one pair (n = 2 gives both orders; a line repeated in the input is two
+samples, so its two copies can pair). Each pair gets up to ``negatives`` rows, each with a
+different policy B != A, drawn at random from the group's other policies; B's sample is the
+next one of B's shuffled samples (round robin, so B's samples are used evenly).
 Rows per group: sum over A with n_A >= 2 of n_A * min(negatives, policies - 1), linear in the
 samples. A group with one policy only, or with no policy that has two samples, gives no row: it
 is counted and reported (``PretrainPairStats``).
