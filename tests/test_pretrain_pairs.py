@@ -10,6 +10,7 @@ memory stays far below the input on a large generated file; the trainer reads th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -375,6 +376,18 @@ def test_the_trainer_reads_and_trains_on_the_output(tmp_path, capsys, repo_root,
     assert code == 0, capsys.readouterr().err
     metrics = read_rows(tmp_path / "run" / "metrics.jsonl")
     assert [(m["step"], m["split"]) for m in metrics if m["split"] == "train"] == [(1, "train")]
+
+
+def test_shipped_demo_samples_are_what_the_script_writes(tmp_path, repo_root):
+    spec = importlib.util.spec_from_file_location("make_demo_samples", repo_root / "scripts" / "make_demo_samples.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out-dir", str(tmp_path)])
+    for name in ("demo_samples.jsonl", "demo_samples_eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (repo_root / "data" / name).read_bytes()
+    train_prompts = {json.loads(line)["prompt"] for line in (tmp_path / "demo_samples.jsonl").read_text().splitlines()}
+    eval_prompts = {json.loads(line)["prompt"] for line in (tmp_path / "demo_samples_eval.jsonl").read_text().splitlines()}
+    assert train_prompts and eval_prompts and not train_prompts & eval_prompts  # held out
 
 
 @pytest.mark.slow
