@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="HF output folder")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
+
+    p = sub.add_parser("pretrain-pairs", help="pre-training pairs from policy samples (POLAR's policy discrimination)")
+    p.add_argument("--samples", required=True, nargs="+", metavar="FILE",
+                   help="JSONL samples: prompt, policy, output, optional wrapper; rows in any order")
+    p.add_argument("--output", required=True, metavar="FILE", help="output JSONL pair rows for `train`")
+    p.add_argument("--negatives", type=int, default=1, metavar="N",
+                   help="rows per reference/chosen pair, each with a different rejected policy (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffles and draws (same seed, same output)")
     return parser
 
 
@@ -98,7 +106,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run_convert(args)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "score": cmd_score, "eval": cmd_eval, "convert": cmd_convert}
+def cmd_pretrain_pairs(args: argparse.Namespace) -> int:
+    from polar_train.pretrain_pairs import cmd_pretrain_pairs as run_pretrain_pairs
+
+    return run_pretrain_pairs(args)
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "score": cmd_score, "eval": cmd_eval, "convert": cmd_convert,
+            "pretrain-pairs": cmd_pretrain_pairs}
 
 
 def check_args(args: argparse.Namespace) -> None:
