@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,9 +20,6 @@ from polar_train.loss import pair_losses
 from polar_train.model import load_model
 from polar_train.packing import MicroBatch, build_micro_batch
 from varlen_emulators import KERNELS, TORCH_VARLEN, flash_attn_varlen_func, use_kernel, varlen_attn_2_12
-
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "internlm2-reward-tiny"
-
 
 # ---- the emulators against SDPA ----
 
@@ -143,22 +139,23 @@ def test_emulators_reject_what_the_kernels_reject():
         TORCH_VARLEN["2.11"](q, k, v, *args, enable_gqa=True)
 
 
-def test_newest_torch_emulator_has_the_installed_signature():
+def test_emulator_of_the_installed_torch_has_its_signature():
+    """The emulated generation the installed varlen_attn belongs to has its exact parameter list
+    (torch 2.13 here: 2.12+; torch 2.11 on the GPU machine: 2.11)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        pytest.skip("this torch has no varlen_attn")
-    real = inspect.signature(varlen_attn).parameters
-    if "enable_gqa" not in real:
-        pytest.skip(f"torch {torch.__version__} predates enable_gqa")
-    assert list(inspect.signature(varlen_attn_2_12).parameters) == list(real)
+        pytest.skip(f"torch {torch.__version__} has no varlen_attn")
+    real = list(inspect.signature(varlen_attn).parameters)
+    generation = "2.12" if "enable_gqa" in real else "2.11" if "window_size" in real else "2.10"
+    assert list(inspect.signature(TORCH_VARLEN[generation]).parameters) == real, generation
 
 
 # ---- the whole model: emulated CUDA branches against the sdpa branch ----
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model(FIXTURE, attention="sdpa")  # fp32, dynamic RoPE, GQA 8:2
+def model(fixture_dir):
+    return load_model(fixture_dir, attention="sdpa")  # the shared fixture: fp32, dynamic RoPE, GQA 8:2
 
 
 def make_pairs(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
