@@ -21,6 +21,7 @@ from polar_train.model import load_model
 from polar_train.packing import MicroBatch, build_micro_batch
 from varlen_emulators import KERNELS, TORCH_VARLEN, flash_attn_varlen_func, use_kernel, varlen_attn_2_12
 
+
 # ---- the emulators against SDPA ----
 
 def sdpa_varlen(q, k, v, lengths_q, lengths_k):
@@ -39,7 +40,7 @@ def sdpa_varlen(q, k, v, lengths_q, lengths_k):
 
 
 def random_case(seed: int, nh: int, nkv: int, hd: int = 8):
-    """Sequences with Lq <= Lk (equal, a rejected-suffix shape, a single query), fp32, on requires_grad."""
+    """Sequences with Lq <= Lk (equal, a rejected-suffix shape, a single query), fp32, requiring grad."""
     rng = random.Random(seed)
     lengths_k = [rng.randrange(1, 24) for _ in range(rng.randrange(1, 6))]
     lengths_q = [rng.choice([lk, rng.randrange(1, lk + 1), 1]) for lk in lengths_k]
