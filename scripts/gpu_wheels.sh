@@ -8,13 +8,13 @@
 #
 #   bash scripts/gpu_wheels.sh [DIR]        # DIR defaults to .whl
 #
-# What is in the list and why (anything already on the GPU machine is skipped by gpu_check.sh,
-# so listing a maybe-present package costs only its size here):
-#   deepspeed + hjson py-cpuinfo ninja msgpack einops pydantic (+ pydantic-core annotated-types
-#     typing-inspection): deepspeed's install requirements; psutil, numpy, packaging, tqdm, torch
-#     come with accelerate / transformers there.
-#   datasets + dill multiprocess pandas: datasets' requirements that SPEC 8 does not list there
-#     (pyarrow, xxhash, fsspec, huggingface-hub, filelock, pyyaml, tqdm are there).
+# What is in the list: what the GPU image lacks (its package list of 2026-11-17 in
+# /work/.library/device/KINDS.md: it has pandas, einops, msgpack, ninja, py-cpuinfo, psutil,
+# huggingface-hub 1.33, pyarrow, xxhash, fsspec, but no pydantic); gpu_check.sh skips any wheel
+# whose distribution is already there, so a package added to the image later costs only size:
+#   deepspeed + hjson pydantic (+ pydantic-core annotated-types typing-inspection): deepspeed's
+#     requirements the image lacks;
+#   datasets + dill multiprocess: datasets' requirements the image lacks.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,9 +25,8 @@ LIMIT_MB=60
 # --no-build-isolation: its setup.py imports torch; an isolated build would download one.
 DEEPSPEED="deepspeed==0.19.8"
 BINARY=(
-    hjson==3.1.0 py-cpuinfo==9.0.0 ninja==1.13.2 msgpack==1.2.4 einops==0.8.2
-    pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-    datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 pandas==3.1.1
+    hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+    datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 )
 # The GPU machine's interpreter and platform, not this one's.
 TARGET=(--python-version 3.12 --implementation cp --abi cp312

@@ -86,3 +86,26 @@ def test_wheels_stage_installs_only_what_is_missing(tmp_path):
     assert (tmp_path / "work" / "site" / "polar_gpu_check_probe" / "__init__.py").exists()
     assert not (tmp_path / "work" / "site" / "pytest").exists()
     assert "polar_gpu_check_probe 1.0" in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+@pytest.mark.parametrize("mode", ["gpu", "dry-run"])
+def test_train_config_of_each_mode_loads(tmp_path, mode):
+    """The GPU run's config is only ever loaded there: check it here (keys, types, choices)."""
+    from polar_train.config import load_config
+
+    gpu_check = load_gpu_check()
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(gpu_check.train_config(mode, tmp_path / "run", tmp_path / "pairs.jsonl")))
+    cfg = load_config(path)
+    expected = ("torch_varlen", "bf16", 2048, 24) if mode == "gpu" else ("sdpa", "fp32", 32, 2)
+    assert (cfg.model.attention, cfg.train.precision, cfg.model.fresh.hidden_size, cfg.model.fresh.num_layers) == expected
+    assert (cfg.deepspeed.enabled, cfg.deepspeed.zero_stage, cfg.train.max_steps) == (True, 2, 5)
+
+
+def test_gpu_run_selects_existing_emulator_tests():
+    """A renamed emulator test would make the GPU run's pytest fail on a missing node."""
+    import test_varlen_emulation
+
+    gpu_check = load_gpu_check()
+    assert all(callable(getattr(test_varlen_emulation, name, None)) for name in gpu_check.GPU_EMULATOR_TESTS)
+    assert not any("model" in name for name in gpu_check.GPU_EMULATOR_TESTS)  # those need ../shared
