@@ -39,9 +39,18 @@ _HALF = (torch.float16, torch.bfloat16)
 _SDPA_HAS_GQA = torch.__version__ >= "2.5"  # type: ignore[operator]  # TorchVersion compares to str
 
 
+def _flash_attn_fn() -> Callable[..., Any]:
+    """``flash_attn.flash_attn_varlen_func``, imported on first call. The one place the model
+    looks the kernel up, so that tests can put a CPU emulator here (tests/varlen_emulators.py)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
 @functools.cache
 def _torch_varlen_fn() -> tuple[Callable[..., Any], frozenset[str]] | None:
-    """``varlen_attn`` and the names of its parameters, or None when this torch lacks it."""
+    """``varlen_attn`` and the names of its parameters, or None when this torch lacks it (the
+    lookup tests replace with an emulator of one signature generation)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -61,7 +70,7 @@ def _why_unavailable(name: str, device: torch.device, dtype: torch.dtype | None)
         if importlib.util.find_spec("flash_attn") is None:
             return "flash-attn is not installed (pip install flash-attn --no-build-isolation, or use 'torch_varlen')"
         try:
-            from flash_attn import flash_attn_varlen_func  # noqa: F401
+            _flash_attn_fn()
         except Exception as e:  # a broken build (ABI mismatch with torch) raises all sorts
             return f"flash-attn is installed but fails to import ({type(e).__name__}: {e}); reinstall it for this torch"
         return None
@@ -150,10 +159,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: At
     if plan.backend == "sdpa":
         return _sdpa(q, k, v, plan, scale)
     if plan.backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
-                                      meta.max_seqlen_k, dropout_p=0.0, softmax_scale=scale, causal=True)
+        return _flash_attn_fn()(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                                meta.max_seqlen_k, dropout_p=0.0, softmax_scale=scale, causal=True)
     return _torch_varlen(q, k, v, meta, scale)
 
 
