@@ -7,7 +7,7 @@ time is recorded and the next one runs):
   wheels      install the wheels of .whl/ (scripts/gpu_wheels.sh) that this machine lacks into a
               target folder put on PYTHONPATH; passes when deepspeed and datasets import
   env         versions, device, the attention backend ``auto`` resolves to, varlen_attn's signature
-  tests       tests/test_gpu.py (CUDA kernels against SDPA in bf16), tests/test_varlen_emulation.py
+  tests       tests/test_gpu.py (CUDA kernels against SDPA in bf16), on the GPU also the emulator tests
   data        a POLAR-like length mix (scripts/make_length_mix.py)
   bench_1.8b  scripts/bench.py, polar-1.8b shape, bf16: padded vs packed vs packed + shared prefix
               (pairs/s, TFLOP/s, MFU against a matmul peak measured in the run, peak memory)
@@ -46,7 +46,8 @@ REQUIRED = ("deepspeed", "datasets")  # what the wheels stage must make importab
 
 # tests/test_varlen_emulation.py's tests that need no ../shared fixture (it does not travel)
 GPU_EMULATOR_TESTS = ("test_emulator_equals_per_sequence_sdpa", "test_emulator_mutant_aligned_top_left_differs_from_sdpa",
-                      "test_flash_attn_documented_mask_examples", "test_emulators_reject_what_the_kernels_reject",
+                      "test_flash_attn_documented_mask_examples", "test_rows_past_the_last_query_offset_are_left_unwritten",
+                      "test_emulators_reject_what_the_kernels_reject",
                       "test_emulator_of_the_installed_torch_has_its_signature")
 
 # (hidden, layers, heads, kv heads, intermediate) of the fresh model the train stage builds
@@ -288,7 +289,7 @@ def main() -> None:
     check.guarded("env", env_stage)
     check.guarded("tests", tests_stage)
     data = work / "length_mix.jsonl"
-    mix = ["--num-pairs", "32", "--scale", "0.05"] if args.dry_run else ["--num-pairs", "256"]  # lengths x 0.05
+    mix = ["--num-pairs", "32", "--scale", "0.05"] if args.dry_run else ["--num-pairs", "256"]  # dry run: 5% lengths
     check.guarded("data", data_stage, data, mix)
     if args.dry_run:
         tiny = ["--steps", "1", "--pairs-per-step", "4", "--max-tokens", "4096", "--gradient-checkpointing"]
@@ -306,7 +307,9 @@ def main() -> None:
     for name, stage in summary["stages"].items():
         print(f"{name:11} {stage['status']:8} {stage.get('seconds', 0):6.1f} s" + (
             f"  {stage['error'].splitlines()[-1]}" if stage.get("error") else ""))
-    print(json.dumps({k: v for k, v in summary.items() if k != "stages"}, indent=1))
+    # the whole summary on stdout too: the device tool returns the output's last 12,000 characters
+    print(json.dumps({**summary, "stages": {n: {k: v for k, v in s.items() if k not in ("command", "error")}
+                                            for n, s in summary["stages"].items()}}))
     print(f"summary: {out / 'gpu_check.json'}  log: {out / 'gpu_check.log'}")
     sys.exit(0 if summary["passed"] else 1)
 

@@ -112,6 +112,14 @@ def test_flash_attn_documented_mask_examples():
     assert torch.allclose(out[3:, :2], torch.tensor([[1.0, 0.0], [0.5, 0.5]]))
 
 
+def test_rows_past_the_last_query_offset_are_left_unwritten():
+    """The kernels fill an empty_like(q): rows no sequence covers hold garbage; the emulator's NaN
+    makes any read of them show in a comparison."""
+    q, k, v = torch.randn(5, 2, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    out = flash_attn_varlen_func(q, k, v, cu([3]), cu([3]), 3, 3, causal=True)
+    assert out[3:].isnan().all() and not out[:3].isnan().any()
+
+
 def test_emulators_reject_what_the_kernels_reject():
     q, k, v, lengths_q, lengths_k = (t.detach() if torch.is_tensor(t) else t for t in random_case(1, 4, 2))
     args = (cu(lengths_q), cu(lengths_k), max(lengths_q), max(lengths_k))

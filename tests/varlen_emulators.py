@@ -22,9 +22,12 @@ CI. ``use_kernel`` puts one into the model's kernel lookup. Sources of the contr
   ``(-1, 0)`` is causal); 2.12+ adds ``enable_gqa`` (unequal heads without it raise),
   ``seqused_k``, ``block_table``, ``num_splits`` (the signature of the installed torch 2.13).
 
-``max_seqlen_*`` size the kernel's launch grid: a value below the longest sequence leaves rows
-unwritten, so the emulators reject it. Rows of q past ``cu_seqlens_q[-1]`` are never written by
-the kernels (``empty_like``): the emulators fill them with NaN so that reading them shows.
+One deliberate difference: the emulators also take float32 (the kernels take fp16 / bf16 only, and
+``resolve_attention`` keeps fp32 models off those backends), so that the comparison with the SDPA
+path can be tight. ``max_seqlen_*`` size the kernel's launch grid: a value below the longest
+sequence leaves rows unwritten, so the emulators reject it. Rows of q past ``cu_seqlens_q[-1]``
+are never written by the kernels (``empty_like``): the emulators fill them with NaN so that
+reading them shows.
 """
 
 from __future__ import annotations
