@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from polar_train.data import WRAPPERS, _json_type, flatten_text
 from polar_train.errors import UserError
+from polar_train.files import write_atomically
 
 SAMPLE_FIELDS = ("prompt", "policy", "output")
 DEFAULT_MAX_BUCKET_BYTES = 32 << 20  # bucket bytes grouped in memory at once (x ~3 in Python objects)
@@ -360,7 +361,6 @@ def build_pretrain_pairs(
     total_bytes = sum(Path(name).stat().st_size for name in names)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.buckets-", dir=out.parent))
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     stats = PretrainPairStats()
     try:
         with tqdm(total=total_bytes, desc="pretrain-pairs: reading", unit="B", unit_scale=True,
@@ -373,21 +373,23 @@ def build_pretrain_pairs(
                         yield sample
 
             buckets = _split(every_sample(), work / "top", _num_buckets(total_bytes, max_bucket_bytes), salt=0)
-        with open(tmp_out, "w", encoding="utf-8", newline="\n") as f, \
-                tqdm(total=stats.num_samples, desc="pretrain-pairs: pairing", unit="sample",
-                     disable=not progress, mininterval=1.0) as bar:
-            for bucket in buckets:
-                for group in _groups(bucket, max_bucket_bytes, depth=0):
-                    for row in _pair_rows(group, negatives, seed, stats):
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    bar.update(len(group))
-        if not stats.num_rows:
-            raise UserError(", ".join(names), f"no prompt can form a pair ({stats.num_prompts} prompts: "
-                            f"{stats.num_one_policy} with one policy only, {stats.num_no_repeat} without a policy "
-                            f"that has two samples)", "each prompt needs two samples of one policy and one of another")
-        os.replace(tmp_out, out)
+
+        def write_rows(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8", newline="\n") as f, \
+                    tqdm(total=stats.num_samples, desc="pretrain-pairs: pairing", unit="sample",
+                         disable=not progress, mininterval=1.0) as bar:
+                for bucket in buckets:
+                    for group in _groups(bucket, max_bucket_bytes, depth=0):
+                        for row in _pair_rows(group, negatives, seed, stats):
+                            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        bar.update(len(group))
+            if not stats.num_rows:
+                raise UserError(", ".join(names), f"no prompt can form a pair ({stats.num_prompts} prompts: "
+                                f"{stats.num_one_policy} with one policy only, {stats.num_no_repeat} without a policy "
+                                f"that has two samples)", "each prompt needs two samples of one policy and one of another")
+
+        write_atomically(out, write_rows)  # a reader never sees half a file; nothing left when it fails
     finally:
-        tmp_out.unlink(missing_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     return stats
 
