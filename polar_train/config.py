@@ -62,6 +62,7 @@ class DataSection:
     shared_prefix: bool = True  # lay chosen+rejected out as [prefix | chosen | rejected]
     on_error: str = "raise"  # raise | skip: what a malformed row does
     cache_dir: str = "~/.cache/polar-train/datasets"  # tokenized-dataset cache; "" = none
+    num_proc: int = 1  # tokenizing processes per rank (ranks split the rows when they share cache_dir)
 
 
 @dataclass

@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,27 +27,17 @@ from tqdm.auto import tqdm
 
 from polar_train.checkpoint import ModelSource, export_hf, find_resume, fresh_state, load_checkpoint, save_checkpoint
 from polar_train.config import Config
-from polar_train.data import SkippedRow, load_pair_dataset
 from polar_train.engine import build_engine, distributed
 from polar_train.errors import TrainingError, UserError
 from polar_train.evaluate import pair_report, write_report
 from polar_train.loss import pair_losses, pair_stats, summarize
-from polar_train.packing import StepPlanner, pack_step, pair_cost
+from polar_train.packing import StepPlanner, pack_step
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
 from polar_train.rundir import preflight, prepare_output_dir, write_skipped_rows
+from polar_train.store import PairSet, load_pairs
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")
-
-
-@dataclass
-class PairSet:
-    """Token-id pairs that fit the micro-batch budget, and how many did not."""
-
-    pairs: list[tuple[list[int], list[int]]]
-    costs: list[int]
-    num_over_budget: int
-    skipped: list[SkippedRow]  # malformed rows left out (data.on_error=skip)
 
 
 def run(cfg: Config) -> dict[str, float]:
@@ -64,9 +53,10 @@ def run(cfg: Config) -> dict[str, float]:
         tokenizer = load_tokenizer(source.files_dir)
         special_token_ids(tokenizer, source.config.reward_token_id)
         share_max_len = source.config.max_position_embeddings if source.config.rope_scaling else None
-        with dist.rank_zero_first("tokenizing the data"):  # rank 0 fills the dataset cache
-            train_set = load_pairs(cfg, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train")
-            eval_set = load_pairs(cfg, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval") if cfg.data.eval_files else None
+        # every rank tokenizes its share of the rows into the shared cache, then maps the whole
+        train_set = load_pairs(cfg.data, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train", group=dist)
+        eval_set = (load_pairs(cfg.data, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval", group=dist)
+                    if cfg.data.eval_files else None)
         if dist.rank == 0:
             write_skipped_rows(out, {"train": train_set.skipped, "eval": eval_set.skipped if eval_set else []})
         planner = StepPlanner(train_set.costs, pairs_per_step=cfg.train.pairs_per_step, max_tokens=cfg.data.max_tokens,
@@ -207,30 +197,6 @@ def resume_command() -> str:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return f"torchrun <the same launch options> -m polar_train {shlex.join(args)}"
     return f"polar-train {shlex.join(args)}"
-
-
-def load_pairs(cfg: Config, files, tokenizer, tokenizer_path, share_max_len: int | None, split: str) -> PairSet:
-    dataset, stats = load_pair_dataset(
-        list(files), tokenizer, str(tokenizer_path),
-        max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length,
-        cache_dir=cfg.data.cache_dir or None, on_error=cfg.data.on_error,
-    )
-    pairs, costs, over = [], [], 0
-    for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"]):
-        cost = pair_cost(c, r, cfg.data.shared_prefix, share_max_len)
-        if cost > cfg.data.max_tokens:
-            over += 1
-            continue
-        pairs.append((c, r))
-        costs.append(cost)
-    if over:
-        log.warning("%s data: %d pairs longer than data.max_tokens=%d dropped", split, over, cfg.data.max_tokens)
-    if not pairs:
-        raise UserError(
-            ",".join(files), "no pair fits the length limits",
-            f"raise data.max_tokens ({cfg.data.max_tokens}) or data.max_length ({cfg.data.max_length})",
-        )
-    return PairSet(pairs, costs, over, list(stats.skipped))
 
 
 @torch.no_grad()
