@@ -92,9 +92,10 @@ class DataSection:
     shared_prefix: bool = True  # lay chosen+rejected out as [prefix | chosen | rejected]
     on_error: Literal["raise", "skip"] = "raise"  # what a malformed row does
     cache_dir: str = resumable("~/.cache/polar-train/datasets")  # tokenized-dataset cache; "" = none
+    num_proc: int = resumable(1)  # tokenizing processes per rank (ranks split the rows when they share cache_dir)
 
     def problems(self) -> list[str]:
-        found = _positive(self, "max_length", "max_response_length", "max_tokens")
+        found = _positive(self, "max_length", "max_response_length", "max_tokens", "num_proc")
         if not self.train_files:
             found.append("train_files: no training file given (set data.train_files=FILE.jsonl)")
         return found

@@ -2,11 +2,11 @@
 
 Three steps, each usable alone:
 
-1. ``read_jsonl_rows`` / ``read_jsonl_pairs``: parse and validate one JSONL file; every mistake is
-   a ``UserError`` whose ``where`` is ``FILE:LINE`` (or is collected as a ``SkippedRow``).
+1. ``iter_jsonl_rows`` (a stream) / ``read_jsonl_rows`` / ``read_jsonl_pairs``: parse and
+   validate a JSONL file; every mistake is a ``UserError`` whose ``where`` is ``FILE:LINE`` (or
+   is collected as a ``SkippedRow``).
 2. ``encode_candidates`` / ``encode_pair``: the exact POLAR sequence of one record (SPEC 3).
-3. ``load_pair_dataset``: files -> a ``datasets.Dataset`` of ``chosen_ids`` / ``rejected_ids``,
-   tokenized once and cached on disk under a key of everything that decides the ids.
+3. ``polar_train.store`` (not here): files -> the tokenized, memory-mapped, cached pair store.
 
 The sequence POLAR scores, for prompt ``p``, reference ``ref`` and one candidate ``out``
 (sft wrapper, nothing truncated)::
@@ -20,28 +20,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
-import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from polar_train.errors import UserError
-from polar_train.files import fsync_tree, temporary_name
-from polar_train.tokenizer import TOKENIZER_FILE_PATTERNS, special_token_ids
-
-logger = logging.getLogger("polar_train")
+from polar_train.tokenizer import TOKENIZER_FILE_PATTERNS
 
 OnError = Literal["raise", "skip"]
 WRAPPERS = ("sft", "pretrain")
 PAIR_FIELDS = ("prompt", "reference", "chosen", "rejected")
 # Bump when the encoding or the cached columns change: old caches then stop matching.
-ENCODING_VERSION = 2  # 2: the cached stats list every skipped row, not the first few
-_NUM_EXAMPLE_SOURCES = 5  # how many FILE:LINE examples the log and reports show per category
+ENCODING_VERSION = 3  # 3: Arrow shards with the length columns (polar_train.store); 2: every skipped row listed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,52 +130,88 @@ def _parse_row(line: str, text_fields: Sequence[str], source: str) -> JsonRow:
     return JsonRow(source=source, texts=texts, wrapper=wrapper, raw=obj)
 
 
+def iter_jsonl_rows(
+    path: str | os.PathLike[str], text_fields: Sequence[str], *, on_error: OnError = "raise",
+    lines: tuple[int, int] | None = None,
+) -> Iterator[JsonRow | SkippedRow]:
+    """Stream a JSONL file one line at a time: each valid row as a ``JsonRow``, each bad one as a
+    ``SkippedRow`` (``on_error="skip"``) or a ``UserError("FILE:LINE", ...)`` (``"raise"``).
+
+    Memory is one line, whatever the file's size. ``lines=(first, end)`` keeps the 1-based line
+    numbers ``first <= n < end`` (a shard of the file); the others are only counted. Blank lines
+    are skipped; each line is decoded as UTF-8 on its own so that a bad byte is reported with its
+    line. Use ``read_jsonl_rows`` for the whole file at once and its "no rows" checks.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    name = str(path)
+    first, end = lines if lines is not None else (1, None)
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        raise UserError(name, "data file not found", "check the path in data.train_files / data.eval_files") from None
+    except OSError as error:
+        raise UserError(name, f"cannot read the data file: {error.strerror or error}") from None
+    with file:
+        for number, raw_line in enumerate(file, start=1):
+            if number < first:
+                continue
+            if end is not None and number >= end:
+                break
+            source = f"{name}:{number}"
+            try:
+                row = _parse_line(raw_line.removesuffix(b"\n"), number, text_fields, source)
+            except ValueError as error:
+                if on_error == "raise":
+                    raise UserError(source, str(error), "fix or remove this line, or set data.on_error=skip") from None
+                yield SkippedRow(source, str(error))
+                continue
+            if row is not None:
+                yield row
+
+
+def _parse_line(raw_line: bytes, number: int, text_fields: Sequence[str], source: str) -> JsonRow | None:
+    """One line's bytes -> a ``JsonRow``, or None for a blank line; ``ValueError`` says what is wrong."""
+    try:
+        line = raw_line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"the line is not valid UTF-8 (byte 0x{raw_line[error.start]:02x} at byte {error.start + 1})") from None
+    if number == 1:
+        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
+    if not line.strip():
+        return None
+    return _parse_row(line, text_fields, source)
+
+
 def read_jsonl_rows(
     path: str | os.PathLike[str], text_fields: Sequence[str], *, on_error: OnError = "raise"
 ) -> tuple[list[JsonRow], list[SkippedRow]]:
     """Read a JSONL file whose rows must hold ``text_fields`` (strings or message lists).
 
     Every other field is kept in ``JsonRow.raw``; ``wrapper`` is optional (default ``"sft"``).
-    Blank lines are skipped; line numbers count every line from 1. Each line is decoded as
-    UTF-8 on its own so that a bad byte is reported with its line. With ``on_error="raise"``
+    Blank lines are skipped; line numbers count every line from 1. With ``on_error="raise"``
     the first bad row raises ``UserError("FILE:LINE", ...)``; with ``"skip"`` bad rows are
-    returned as ``SkippedRow`` and reading goes on. A file without any row, or whose rows are
-    all bad, is a ``UserError`` either way.
+    returned as ``SkippedRow`` and reading goes on (see ``iter_jsonl_rows``). A file without any
+    row, or whose rows are all bad, is a ``UserError`` either way.
 
     >>> rows, skipped = read_jsonl_rows("scored.jsonl", ["prompt", "reference", "output"])  # doctest: +SKIP
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    name = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise UserError(name, "data file not found", "check the path in data.train_files / data.eval_files") from None
-    except OSError as error:
-        raise UserError(name, f"cannot read the data file: {error.strerror or error}") from None
     rows: list[JsonRow] = []
     skipped: list[SkippedRow] = []
-    for number, raw_line in enumerate(data.split(b"\n"), start=1):
-        source = f"{name}:{number}"
-        try:
-            try:
-                line = raw_line.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(f"the line is not valid UTF-8 (byte 0x{raw_line[error.start]:02x} at byte {error.start + 1})") from None
-            if number == 1:
-                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
-            if not line.strip():
-                continue
-            rows.append(_parse_row(line, text_fields, source))
-        except ValueError as error:
-            if on_error == "raise":
-                raise UserError(source, str(error), "fix or remove this line, or set data.on_error=skip") from None
-            skipped.append(SkippedRow(source, str(error)))
-    if not rows:
-        if skipped:
-            raise UserError(name, f"no valid rows ({len(skipped)} bad rows skipped, first: {skipped[0].source}: {skipped[0].reason})")
-        raise UserError(name, "no rows", "the file must hold one JSON object per line")
+    for item in iter_jsonl_rows(path, text_fields, on_error=on_error):
+        (skipped if isinstance(item, SkippedRow) else rows).append(item)
+    check_rows_read(str(path), len(rows), skipped[:1], len(skipped))
     return rows, skipped
+
+
+def check_rows_read(name: str, num_rows: int, first_skipped: Sequence[SkippedRow], num_skipped: int) -> None:
+    """A file without any row, or whose rows were all bad, is a ``UserError``."""
+    if num_rows:
+        return
+    if num_skipped:
+        first = first_skipped[0]
+        raise UserError(name, f"no valid rows ({num_skipped} bad rows skipped, first: {first.source}: {first.reason})")
+    raise UserError(name, "no rows", "the file must hold one JSON object per line")
 
 
 def read_jsonl_pairs(path: str | os.PathLike[str], on_error: OnError = "raise") -> tuple[list[PairRecord], list[SkippedRow]]:
@@ -296,7 +326,7 @@ def encode_pair(
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Files -> a cached datasets.Dataset
+# 3. What a set of files gave, and the key of its tokenization (the store builds and caches it)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -313,7 +343,11 @@ class DataStats:
     num_response_truncated: int = 0  # kept pairs whose reference or an output was cut
     num_skipped: int = 0  # bad rows left out (on_error=skip)
     skipped: list[SkippedRow] = field(default_factory=list)  # every one (rundir.write_skipped_rows lists them)
+    tokenize_seconds: float = 0.0  # wall time of the tokenization that built the set (all ranks)
+    tokens_per_s: float = 0.0  # num_tokens / tokenize_seconds
     cache_hit: bool = False  # read from the tokenization cache
+
+    NUM_EXAMPLES: ClassVar[int] = 5  # how many FILE:LINE examples the log and reports show per category
 
     def summary(self) -> str:
         """One log line (the first few too-long and skipped rows only)."""
@@ -323,10 +357,10 @@ class DataStats:
         if self.too_long_sources:
             line += f"; too long: {', '.join(self.too_long_sources)}"
         if self.skipped:
-            line += "; skipped: " + ", ".join(f"{s.source} ({s.reason})" for s in self.skipped[:_NUM_EXAMPLE_SOURCES])
+            line += "; skipped: " + ", ".join(f"{s.source} ({s.reason})" for s in self.skipped[: self.NUM_EXAMPLES])
         return line
 
-    def as_dict(self, max_skipped: int | None = _NUM_EXAMPLE_SOURCES) -> dict[str, Any]:
+    def as_dict(self, max_skipped: int | None = NUM_EXAMPLES) -> dict[str, Any]:
         """JSON-ready fields, the skipped rows as objects: the first ``max_skipped`` (None = all)."""
         obj = dataclasses.asdict(self)
         obj["skipped"] = obj["skipped"][:max_skipped]
@@ -372,135 +406,3 @@ def dataset_cache_key(files: Sequence[str], tokenizer_path: str, *, max_length: 
             digest.update(b"<unreadable>")  # reading the file reports it properly
     _hash_tokenizer_files(digest, tokenizer_path)
     return digest.hexdigest()
-
-
-def _encode_row(row: dict[str, Any], *, tokenizer: PreTrainedTokenizerBase, max_length: int,
-                max_response_length: int, sep_id: int, reward_id: int) -> dict[str, Any]:
-    """datasets.map function: one PairRecord row -> ids and flags (empty ids when it does not fit)."""
-    encoded = encode_candidates(
-        tokenizer, row["prompt"], row["reference"], [row["chosen"], row["rejected"]], row["wrapper"],
-        max_length=max_length, max_response_length=max_response_length, sep_id=sep_id, reward_id=reward_id,
-    )
-    if encoded is None:
-        return {"chosen_ids": [], "rejected_ids": [], "fits": False, "num_tokens": 0,
-                "prompt_truncated": False, "response_truncated": False}
-    chosen_ids, rejected_ids = encoded.input_ids
-    return {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "fits": True,
-            "num_tokens": len(chosen_ids) + len(rejected_ids),
-            "prompt_truncated": encoded.prompt_truncated, "response_truncated": encoded.response_truncated}
-
-
-def _features() -> Any:
-    import datasets
-
-    ids = datasets.List(datasets.Value("int32")) if hasattr(datasets, "List") else datasets.Sequence(datasets.Value("int32"))
-    return datasets.Features({
-        "chosen_ids": ids, "rejected_ids": ids, "source": datasets.Value("string"), "fits": datasets.Value("bool"),
-        "num_tokens": datasets.Value("int64"), "prompt_truncated": datasets.Value("bool"), "response_truncated": datasets.Value("bool"),
-    })
-
-
-def _save_atomically(dataset: Any, stats: DataStats, final_dir: Path) -> None:
-    """Write dataset + stats to a temporary folder, then rename it into place.
-
-    Readers test for ``stats.json`` inside ``final_dir``, which exists only after the rename, so
-    they never see half a cache. If another process renamed first, its copy is kept. A cache
-    that cannot be written costs only time: it is logged, not raised.
-    """
-    tmp_dir = temporary_name(final_dir)
-    try:
-        tmp_dir.mkdir(parents=True)
-        dataset.save_to_disk(str(tmp_dir / "dataset"))
-        (tmp_dir / "stats.json").write_text(json.dumps(stats.as_dict(max_skipped=None), indent=1))
-        fsync_tree(tmp_dir)
-        os.rename(tmp_dir, final_dir)
-        logger.info("data: tokenized pairs cached in %s", final_dir)
-    except OSError as error:
-        if not (final_dir / "stats.json").is_file():  # not "another process got there first"
-            logger.warning("data: could not write the tokenization cache %s: %s", final_dir, error)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def load_pair_dataset(
-    files: Sequence[str],
-    tokenizer: PreTrainedTokenizerBase,
-    tokenizer_path: str,
-    *,
-    max_length: int = 16384,
-    max_response_length: int = 4096,
-    cache_dir: str | None = None,
-    on_error: OnError = "raise",
-    num_proc: int = 1,
-    reward_token_id: int | None = None,
-) -> tuple[Any, DataStats]:
-    """Read, validate and tokenize preference files into a ``datasets.Dataset``.
-
-    Columns: ``chosen_ids``, ``rejected_ids`` (lists of int, each ending with the reward token)
-    and ``source`` (``FILE:LINE``), in file order; pairs that do not fit are dropped and counted.
-    With ``cache_dir``, the result is stored under ``cache_dir/<key>`` (``dataset_cache_key``:
-    file bytes, tokenizer files, lengths, ``on_error``, library and code versions) and a later
-    call with the same key loads it without reading or tokenizing anything.
-    ``reward_token_id`` (from the model config), when given, must match the tokenizer.
-    """
-    import datasets
-
-    files = [str(f) for f in files]
-    if not files:
-        raise ValueError("load_pair_dataset needs at least one file")
-    sep_id, reward_id = special_token_ids(tokenizer, reward_token_id)
-    key = dataset_cache_key(files, tokenizer_path, max_length=max_length, max_response_length=max_response_length, on_error=on_error)
-    final_dir = Path(cache_dir).expanduser() / key if cache_dir else None
-    if final_dir is not None and (final_dir / "stats.json").is_file():
-        dataset = datasets.load_from_disk(str(final_dir / "dataset"))
-        stats = DataStats.from_dict(json.loads((final_dir / "stats.json").read_text()))
-        stats.cache_hit = True
-        logger.info("data: cache hit, tokenized pairs loaded from %s", final_dir)
-        logger.info("data: %s", stats.summary())
-        return dataset, stats
-
-    stats = DataStats()
-    records: list[dict[str, Any]] = []
-    all_skipped: list[SkippedRow] = []
-    for name in files:
-        pairs, skipped = read_jsonl_pairs(name, on_error=on_error)
-        records.extend(dataclasses.asdict(p) for p in pairs)
-        all_skipped.extend(skipped)
-    stats.num_rows = len(records) + len(all_skipped)
-    stats.num_skipped, stats.skipped = len(all_skipped), all_skipped
-    logger.info("data: tokenizing %d pairs from %d file(s)", len(records), len(files))
-
-    encoded = datasets.Dataset.from_list(records).map(
-        _encode_row,
-        fn_kwargs=dict(tokenizer=tokenizer, max_length=max_length, max_response_length=max_response_length,
-                       sep_id=sep_id, reward_id=reward_id),
-        remove_columns=["prompt", "reference", "chosen", "rejected", "wrapper"],
-        features=_features(),
-        num_proc=num_proc if num_proc > 1 else None,
-        new_fingerprint=key[:32],  # skip hashing the tokenizer for datasets' own fingerprint
-        desc="tokenizing pairs",
-    )
-    fits = encoded["fits"]
-    too_long = [source for source, ok in zip(encoded["source"], fits) if not ok]
-    stats.num_too_long, stats.too_long_sources = len(too_long), too_long[:_NUM_EXAMPLE_SOURCES]
-    stats.num_prompt_truncated = sum(encoded["prompt_truncated"])
-    stats.num_response_truncated = sum(encoded["response_truncated"])
-    dataset = encoded.filter(lambda ok: ok, input_columns="fits") if too_long else encoded
-    dataset = dataset.select_columns(["chosen_ids", "rejected_ids", "source"])
-    stats.num_pairs = len(dataset)
-    stats.num_tokens = sum(encoded["num_tokens"])
-    if all_skipped:
-        first = ", ".join(s.source for s in all_skipped[:_NUM_EXAMPLE_SOURCES])
-        logger.warning("data: skipped %d bad rows (on_error=skip; first: %s; %s: %s)", len(all_skipped), first,
-                       all_skipped[0].source, all_skipped[0].reason)
-    if too_long:
-        logger.warning("data: dropped %d pairs that do not fit max_length=%d (first: %s)", len(too_long), max_length, ", ".join(stats.too_long_sources))
-    if not stats.num_pairs:
-        raise UserError(
-            ", ".join(files), f"no pair fits max_length={max_length}: all {len(too_long)} pairs are too long (first: {too_long[0]})",
-            f"raise data.max_length, or lower data.max_response_length (now {max_response_length}) to leave the prompt room",
-        )
-    if final_dir is not None:
-        _save_atomically(dataset, stats, final_dir)
-    logger.info("data: %s", stats.summary())
-    return dataset, stats

@@ -11,44 +11,46 @@ import logging
 from typing import Any
 
 from polar_train.config import Config
-from polar_train.data import load_pair_dataset
+import numpy as np
+
 from polar_train.model.internlm2 import ModelConfig
-from polar_train.packing import StepPlanner, pair_cost
+from polar_train.packing import PairLengths, StepPlanner
 from polar_train.reporting import setup_logging
 from polar_train.rundir import preflight
+from polar_train.store import load_pair_store
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")
 
 
-def percentiles(values: list[int], qs=(50, 90, 99, 100)) -> dict[str, int]:
+def percentiles(values: np.ndarray | list[int], qs=(50, 90, 99, 100)) -> dict[str, int]:
     """Nearest-rank percentiles. >>> percentiles([1, 2, 3, 4], (50, 100))
     {'p50': 2, 'p100': 4}"""
-    if not values:
+    if not len(values):
         return {f"p{q}": 0 for q in qs}
-    s = sorted(values)
-    return {f"p{q}": s[max(0, -(-q * len(s) // 100) - 1)] for q in qs}
+    s = np.sort(np.asarray(values))
+    return {f"p{q}": int(s[max(0, -(-q * len(s) // 100) - 1)]) for q in qs}
 
 
 def packing_stats(
-    pairs: list[tuple[list[int], list[int]]], *, max_tokens: int, pairs_per_step: int, shared_prefix: bool,
+    lengths: PairLengths, *, max_tokens: int, pairs_per_step: int, shared_prefix: bool,
     share_max_len: int | None, seed: int, num_ranks: int = 1,
 ) -> dict[str, Any]:
     """Micro-batches and fill ratio of one epoch as training would pack it."""
-    plain = [pair_cost(c, r, False) for c, r in pairs]
-    costs = [pair_cost(c, r, shared_prefix, share_max_len) for c, r in pairs]
-    kept = [i for i, c in enumerate(costs) if c <= max_tokens]
-    planner = StepPlanner([costs[i] for i in kept], pairs_per_step=pairs_per_step, max_tokens=max_tokens, num_ranks=num_ranks, seed=seed)
+    plain = lengths.costs(False)
+    costs = lengths.costs(shared_prefix, share_max_len)
+    kept = costs <= max_tokens
+    planner = StepPlanner(costs[kept], pairs_per_step=pairs_per_step, max_tokens=max_tokens, num_ranks=num_ranks, seed=seed)
     num_mb = sum(len(rank) for k in range(planner.steps_per_epoch) for rank in planner.plan(0, k))
-    real = sum(costs[i] for i in kept)
+    real, unshared = int(costs[kept].sum()), int(plain[kept].sum())
     return {
-        "pairs_over_budget": len(pairs) - len(kept),
+        "pairs_over_budget": int(len(costs) - kept.sum()),
         "steps_per_epoch": planner.steps_per_epoch,
         "micro_batches": num_mb,
         "tokens_computed": real,
         "fill_ratio": real / max(1, num_mb * max_tokens),
-        "tokens_saved_by_shared_prefix": sum(plain[i] for i in kept) - real,
-        "shared_prefix_saving": 1 - real / max(1, sum(plain[i] for i in kept)),
+        "tokens_saved_by_shared_prefix": unshared - real,
+        "shared_prefix_saving": 1 - real / max(1, unshared),
     }
 
 
@@ -68,20 +70,22 @@ def data_report(cfg: Config) -> dict[str, Any]:
     for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
         if not files:
             continue
-        dataset, stats = load_pair_dataset(
+        store, stats = load_pair_store(
             list(files), tokenizer, tok_path, max_length=cfg.data.max_length,
             max_response_length=cfg.data.max_response_length, cache_dir=cfg.data.cache_dir or None,
-            on_error=cfg.data.on_error,
+            on_error=cfg.data.on_error, num_proc=cfg.data.num_proc,
         )
-        pairs = list(zip(dataset["chosen_ids"], dataset["rejected_ids"]))
-        lengths = [len(s) for pair in pairs for s in pair]
+        lengths = store.lengths()
+        sequence_lengths = np.concatenate([lengths.chosen, lengths.rejected])
+        log.info("%s data: %s tokens/s tokenizing (%s)", split, f"{stats.tokens_per_s:.0f}",
+                 "cache hit: the figure of the run that built the cache" if stats.cache_hit else f"{cfg.data.num_proc} process(es)")
         report[split] = {
             "files": list(files),
             **stats.as_dict(),
-            "tokens": sum(lengths),
-            "sequence_length": percentiles(lengths),
+            "tokens": int(sequence_lengths.sum(dtype=np.int64)),
+            "sequence_length": percentiles(sequence_lengths),
             **packing_stats(
-                pairs, max_tokens=cfg.data.max_tokens, pairs_per_step=cfg.train.pairs_per_step,
+                lengths, max_tokens=cfg.data.max_tokens, pairs_per_step=cfg.train.pairs_per_step,
                 shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len, seed=cfg.seed,
             ),
         }

@@ -16,6 +16,10 @@ The rejected suffix is a sequence whose queries are its own tokens and whose key
 prefix followed by itself, causal bottom-right, positions continuing after the prefix: it is
 the same function as running the rejected candidate alone (SPEC section 6).
 
+Pairs are read by index: the planner sees one cost per pair (a numpy array, ``PairLengths``),
+and ``pack_step`` asks a ``PairReader`` (the memory-mapped store, ``polar_train.store``) for the
+ids of the few pairs a micro-batch holds. Nothing here holds the dataset's tokens.
+
 Step plan: each epoch shuffles the kept pairs (seeded), cuts them into optimizer steps of
 ``pairs_per_step`` pairs, splits each step's pairs across ranks balanced by tokens, and packs
 each rank's share best-fit decreasing into micro-batches of at most ``max_tokens`` tokens.
@@ -28,10 +32,10 @@ every rank computes it alone and a resumed run replays it exactly.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
 from polar_train.model.varlen import VarlenMeta
@@ -77,6 +81,35 @@ def group_cost(seqs: Sequence[Sequence[int]], share: bool, share_max_len: int | 
 def pair_cost(chosen: Sequence[int], rejected: Sequence[int], share: bool, share_max_len: int | None = None) -> int:
     """Tokens the pair occupies in a micro-batch."""
     return group_cost((chosen, rejected), share, share_max_len)
+
+
+@dataclass(frozen=True)
+class PairLengths:
+    """Per pair: the chosen and rejected lengths and their ``shared_prefix_length``, [N] int32 each.
+
+    Enough to compute every pair's cost for either layout at once (``costs``), the same numbers
+    as ``pair_cost`` on the ids: the store keeps these three columns so no rank reads ids to plan.
+    """
+
+    chosen: np.ndarray  # [N] int32
+    rejected: np.ndarray  # [N] int32
+    prefix: np.ndarray  # [N] int32, shared_prefix_length(chosen_ids, rejected_ids)
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> PairLengths:
+        """From id lists (tests, small sets): the store computes these columns at tokenization."""
+        columns = [[len(c) for c, _ in pairs], [len(r) for _, r in pairs], [shared_prefix_length(c, r) for c, r in pairs]]
+        return cls(*(np.asarray(col, dtype=np.int32) for col in columns))
+
+    def costs(self, share: bool, share_max_len: int | None = None) -> np.ndarray:
+        """[N] int64: ``pair_cost`` of every pair (the prefix counts once where it is shared)."""
+        total = self.chosen.astype(np.int64) + self.rejected
+        if not share:
+            return total
+        shared = self.prefix.astype(np.int64)
+        if share_max_len is not None:  # see prefix_to_share: dynamic RoPE scaling
+            shared = np.where(np.maximum(self.chosen, self.rejected) > share_max_len, 0, shared)
+        return total - shared
 
 
 @dataclass
@@ -223,42 +256,45 @@ def split_across_ranks(items: Sequence[int], costs: Sequence[int], num_ranks: in
 class StepPlanner:
     """Which pairs each rank computes in each micro-batch of each optimizer step.
 
-    ``costs[i]`` is the token cost of pair i (``pair_cost``); pairs costing more than
-    ``max_tokens`` must already be removed by the caller (and counted).
+    ``costs[i]`` is the token cost of pair i (``pair_cost``, or ``PairLengths.costs`` for all at
+    once); pairs costing more than ``max_tokens`` must already be removed by the caller (and
+    counted). The planner holds the costs and one epoch's order as numpy arrays (16 bytes per
+    pair) and touches only the current step's pairs in Python.
     """
 
-    def __init__(self, costs: Sequence[int], *, pairs_per_step: int, max_tokens: int, num_ranks: int = 1, seed: int = 0):
-        too_long = [i for i, c in enumerate(costs) if c > max_tokens]
-        assert not too_long, f"pairs over the token budget must be dropped first: {too_long[:5]}"
-        self.costs = list(costs)
+    def __init__(self, costs: Sequence[int] | np.ndarray, *, pairs_per_step: int, max_tokens: int, num_ranks: int = 1,
+                 seed: int = 0):
+        self.costs = np.asarray(costs, dtype=np.int64)  # [N]
+        too_long = np.flatnonzero(self.costs > max_tokens)
+        assert not len(too_long), f"pairs over the token budget must be dropped first: {too_long[:5].tolist()}"
         self.pairs_per_step = pairs_per_step
         self.max_tokens = max_tokens
         self.num_ranks = num_ranks
         self.seed = seed
-        self._order: tuple[int, list[int]] | None = None
+        self._order: tuple[int, np.ndarray] | None = None
 
     @property
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.costs) / self.pairs_per_step)
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """The epoch's seeded shuffle of all pair ids (kept for the current epoch: every step of
-        it reads this order, and reshuffling a million pairs per step would cost a second)."""
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """[N] int64: the epoch's seeded shuffle of all pair ids, a function of (seed, epoch) only
+        (kept for the current epoch: every step of it reads this order)."""
         if self._order is None or self._order[0] != epoch:
-            order = list(range(len(self.costs)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            self._order = (epoch, order)
+            rng = np.random.default_rng([self.seed % 2**64, epoch])  # PCG64 seeded by (seed, epoch)
+            self._order = (epoch, rng.permutation(len(self.costs)))
         return self._order[1]
 
     def step_pairs(self, epoch: int, step_in_epoch: int) -> list[int]:
         s = step_in_epoch * self.pairs_per_step
-        return self.epoch_order(epoch)[s : s + self.pairs_per_step]
+        return self.epoch_order(epoch)[s : s + self.pairs_per_step].tolist()
 
     def plan(self, epoch: int, step_in_epoch: int) -> list[list[list[int]]]:
         """[rank][micro-batch] -> pair ids; every rank has the same number of micro-batches."""
         pairs = self.step_pairs(epoch, step_in_epoch)
-        shares = split_across_ranks(pairs, [self.costs[i] for i in pairs], self.num_ranks)
-        per_rank = [best_fit_decreasing(sh, [self.costs[i] for i in sh], self.max_tokens) for sh in shares]
+        costs = dict(zip(pairs, self.costs[pairs].tolist()))  # this step's pairs only, as Python ints
+        shares = split_across_ranks(pairs, [costs[i] for i in pairs], self.num_ranks)
+        per_rank = [best_fit_decreasing(sh, [costs[i] for i in sh], self.max_tokens) for sh in shares]
         target = max(len(bins) for bins in per_rank)
         for bins in per_rank:
             while len(bins) < target:
@@ -278,16 +314,41 @@ def filler_pair() -> tuple[list[int], list[int]]:
     return [0, 0], [0, 0]
 
 
+class PairReader(Protocol):
+    """Reads pairs by index: the store (``polar_train.store.PairSet``) or ``PairList``."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+        """``(chosen_ids, rejected_ids)`` of each pair in ``ids``, in that order."""
+        ...
+
+
+class PairList:
+    """A ``PairReader`` over pairs already in memory (tests, benchmarks, a scorer's few pairs)."""
+
+    def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def read(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+        return [(list(self.pairs[i][0]), list(self.pairs[i][1])) for i in ids]
+
+
 def pack_step(
     plan_for_rank: list[list[int]],
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    reader: PairReader,
     *,
     shared_prefix: bool,
     share_max_len: int | None = None,
 ) -> list[MicroBatch]:
-    """Build this rank's micro-batches for one step from its plan and the dataset's id pairs."""
+    """Build this rank's micro-batches for one step from its plan, reading only its pairs."""
     out = []
     for bin_ids in plan_for_rank:
-        got = [filler_pair() if i == FILLER else pairs[i] for i in bin_ids]
+        real = [i for i in bin_ids if i != FILLER]
+        read = iter(reader.read(real))
+        got = [filler_pair() if i == FILLER else next(read) for i in bin_ids]
         out.append(build_micro_batch(got, shared_prefix=shared_prefix, pair_ids=bin_ids, share_max_len=share_max_len))
     return out

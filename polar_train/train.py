@@ -24,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,30 +31,19 @@ from tqdm.auto import tqdm
 
 from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, save_checkpoint
 from polar_train.config import Config, LossSection
-from polar_train.data import SkippedRow, load_pair_dataset
-from polar_train.engine import Engine, build_engine, distributed, lr_at
-from polar_train.errors import TrainingError, UserError
+from polar_train.engine import build_engine, distributed, lr_at
+from polar_train.errors import TrainingError
 from polar_train.evaluate import Ranks, pair_report, pair_rewards, write_report
 from polar_train.export import export_hf
 from polar_train.loss import pair_losses, pair_stats, summarize
 from polar_train.model.build import ModelSource
-from polar_train.packing import StepPlanner, pack_step, pair_cost
+from polar_train.packing import StepPlanner, pack_step
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
 from polar_train.rundir import hold_output_dir, preflight, prepare_output_dir, write_skipped_rows
+from polar_train.store import load_pairs
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")
-
-
-@dataclass
-class PairSet:
-    """Token-id pairs (for training: those that fit the micro-batch budget), and what was left out."""
-
-    pairs: list[tuple[list[int], list[int]]]
-    costs: list[int]
-    num_over_budget: int  # pairs costlier than data.max_tokens (training drops them; eval runs them apart)
-    skipped: list[SkippedRow]  # malformed rows left out (data.on_error=skip)
-    counts: dict[str, int]  # the eval report's counts (num_dropped: pairs over data.max_length; truncations)
 
 
 def run(cfg: Config) -> dict[str, float]:
@@ -76,9 +64,10 @@ def run(cfg: Config) -> dict[str, float]:
         tokenizer = load_tokenizer(source.files_dir, trust_remote_code=cfg.model.trust_remote_code)
         special_token_ids(tokenizer, source.config.reward_token_id)
         share_max_len = source.config.share_max_len
-        with dist.rank_zero_first("tokenizing the data"):  # rank 0 fills the dataset cache
-            train_set = load_pairs(cfg, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train")
-            eval_set = load_pairs(cfg, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval") if cfg.data.eval_files else None
+        # every rank tokenizes its share of the rows into the shared cache, then maps the whole
+        train_set = load_pairs(cfg.data, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train", group=dist)
+        eval_set = (load_pairs(cfg.data, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval", group=dist)
+                    if cfg.data.eval_files else None)
         if dist.rank == 0:
             write_skipped_rows(out, {"train": train_set.skipped, "eval": eval_set.skipped if eval_set else []})
         planner = StepPlanner(train_set.costs, pairs_per_step=cfg.train.pairs_per_step, max_tokens=cfg.data.max_tokens,
@@ -99,7 +88,9 @@ def run(cfg: Config) -> dict[str, float]:
             if eval_set is None:
                 return {}
             # the one packed-inference path of `polar-train eval` and `score`, split over the ranks
-            chosen, rejected = pair_rewards(engine.model, eval_set.pairs, max_tokens=cfg.data.max_tokens,
+            # the eval pairs' ids are read from the store for the duration of the eval only
+            pairs = eval_set.pairs.read(range(len(eval_set.pairs)))
+            chosen, rejected = pair_rewards(engine.model, pairs, max_tokens=cfg.data.max_tokens,
                                             shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len,
                                             device=dist.device, autocast=engine.autocast,
                                             ranks=Ranks(dist.rank, dist.world_size, engine.all_reduce_sum))  # [N] each
@@ -226,35 +217,6 @@ def resume_command() -> str:
     if "TORCHELASTIC_RUN_ID" in os.environ:
         return f"torchrun <the same launch options> -m polar_train {shlex.join(args)}"
     return f"polar-train {shlex.join(args)}"
-
-
-def load_pairs(cfg: Config, files, tokenizer, tokenizer_path, share_max_len: int | None, split: str) -> PairSet:
-    """The pairs of ``files``. Training drops a pair costlier than ``data.max_tokens`` (a step packs
-    whole pairs); eval keeps it and runs its chosen and rejected apart, as ``polar-train eval`` does."""
-    dataset, stats = load_pair_dataset(
-        list(files), tokenizer, str(tokenizer_path),
-        max_length=cfg.data.max_length, max_response_length=cfg.data.max_response_length,
-        cache_dir=cfg.data.cache_dir or None, on_error=cfg.data.on_error,
-    )
-    pairs, costs, over = [], [], 0
-    for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"]):
-        cost = pair_cost(c, r, cfg.data.shared_prefix, share_max_len)
-        over += cost > cfg.data.max_tokens
-        if cost > cfg.data.max_tokens and split == "train":
-            continue
-        pairs.append((c, r))
-        costs.append(cost)
-    if over:
-        log.warning("%s data: %d pairs longer than data.max_tokens=%d %s", split, over, cfg.data.max_tokens,
-                    "dropped" if split == "train" else "run chosen and rejected apart")
-    if not pairs:
-        raise UserError(
-            ",".join(files), "no pair fits the length limits",
-            f"raise data.max_tokens ({cfg.data.max_tokens}) or data.max_length ({cfg.data.max_length})",
-        )
-    counts = {"num_dropped": stats.num_too_long, "num_prompt_truncated": stats.num_prompt_truncated,
-              "num_response_truncated": stats.num_response_truncated}
-    return PairSet(pairs, costs, over, list(stats.skipped), counts)
 
 
 def loss_function(loss: LossSection) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

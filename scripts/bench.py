@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 
 import polar_train.model.internlm2 as internlm2_module
-from polar_train.data import load_pair_dataset
 from polar_train.model import InternLM2RewardModel, ModelConfig, resolve_attention
 from polar_train.model.varlen import VarlenMeta
-from polar_train.packing import StepPlanner, pack_step, pair_cost
+from polar_train.packing import PairList, StepPlanner, pack_step, pair_cost
+from polar_train.store import load_pair_store
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate (SPEC 4; 1.8B as believed there)
@@ -145,7 +145,7 @@ def run_mode(mode, model, opt, steps_plan, pairs, device, cast, sync):
                 tokens += ids.numel()
                 att += sum(attended_pairs(len(s), len(s)) for p in got for s in p)
         else:
-            for mb in pack_step(plan_bins, pairs, shared_prefix=mode == "shared"):
+            for mb in pack_step(plan_bins, PairList(pairs), shared_prefix=mode == "shared"):
                 lens_q = (mb.meta.cu_seqlens_q[1:] - mb.meta.cu_seqlens_q[:-1]).tolist()
                 lens_k = (mb.meta.cu_seqlens_k[1:] - mb.meta.cu_seqlens_k[:-1]).tolist()
                 att += sum(attended_pairs(a, b) for a, b in zip(lens_q, lens_k))
@@ -201,10 +201,10 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokenizer = load_tokenizer(args.tokenizer)
     _, reward_id = special_token_ids(tokenizer, None)
-    dataset, stats = load_pair_dataset([args.data], tokenizer, args.tokenizer, max_length=args.max_length,
-                                       max_response_length=4096, cache_dir=None, on_error="raise")
-    pairs = [(c, r) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])
-             if pair_cost(c, r, False) <= args.max_tokens]  # every mode sees the same pairs
+    store, stats = load_pair_store([args.data], tokenizer, args.tokenizer, max_length=args.max_length,
+                                   max_response_length=4096, cache_dir=None, on_error="raise")
+    pairs = [(c, r) for c, r in store.read(range(len(store)))
+             if pair_cost(c, r, False) <= args.max_tokens]  # every mode sees the same pairs (a benchmark's few)
     attention = resolve_attention(args.attention, device)
     model = build_model(args.shape, len(tokenizer), reward_id, attention, device, dtype)
     model.gradient_checkpointing = args.gradient_checkpointing

@@ -22,11 +22,11 @@ from polar_train.data import (
     SkippedRow,
     encode_candidates,
     encode_pair,
-    load_pair_dataset,
     read_jsonl_pairs,
     read_jsonl_rows,
 )
 from polar_train.errors import UserError
+from polar_train.store import SCHEMA, load_pair_store
 from polar_train.tokenizer import (
     REWARD_TOKEN,
     SEP_TOKEN,
@@ -277,10 +277,10 @@ def test_pair_that_cannot_fit(byte_tokenizer: PreTrainedTokenizerBase, tiny_toke
     assert encode(byte_tokenizer, "Hi?", "ok", ["no", "yes!!"], max_length=14) is None
     assert spec_encode(byte_tokenizer, "Hi?", "ok", ["no", "yes!!"], "sft", 14) is None
     path = write(tmp_path / "long.jsonl", [ROW, dict(ROW, chosen="The answer is 12. " * 20), ROW])
-    dataset, stats = load_pair_dataset([str(path)], tiny_tokenizer, "tiny", max_length=40, max_response_length=4096)
-    assert stats.num_rows == 3 and stats.num_pairs == 2 and len(dataset) == 2
+    store, stats = load_pair_store([str(path)], tiny_tokenizer, "tiny", max_length=40, max_response_length=4096)
+    assert stats.num_rows == 3 and stats.num_pairs == 2 and len(store) == 2
     assert stats.num_too_long == 1 and stats.too_long_sources == [f"{path}:2"]
-    assert dataset["source"] == [f"{path}:1", f"{path}:3"]
+    assert store.column("source") == [f"{path}:1", f"{path}:3"]
 
 
 # --- SPEC 2 validation -----------------------------------------------------------------------
@@ -355,19 +355,19 @@ def test_generic_rows_keep_other_fields(tmp_path: Path) -> None:
 # --- the dataset and its cache ---------------------------------------------------------------
 
 
-def test_load_pair_dataset_columns_and_stats(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
+def test_load_pair_store_columns_and_stats(tmp_path: Path, tiny_tokenizer: PreTrainedTokenizerBase) -> None:
     a = write(tmp_path / "a.jsonl", [ROW, dict(ROW, prompt=[{"role": "user", "content": "What is 7 + 5?"}])])
     b = write(tmp_path / "b.jsonl", ["{oops", dict(ROW, reference="12 " * 30)])
-    dataset, stats = load_pair_dataset([str(a), str(b)], tiny_tokenizer, "tiny", max_length=4096,
-                                       max_response_length=16, on_error="skip")
-    assert dataset.column_names == ["chosen_ids", "rejected_ids", "source"]
-    assert dataset["source"] == [f"{a}:1", f"{a}:2", f"{b}:2"]
+    store, stats = load_pair_store([str(a), str(b)], tiny_tokenizer, "tiny", max_length=4096,
+                                   max_response_length=16, on_error="skip")
+    assert store.table.column_names == ["chosen_ids", "rejected_ids", "source", "chosen_len", "rejected_len", "prefix_len"]
+    assert store.column("source") == [f"{a}:1", f"{a}:2", f"{b}:2"]
     expected = spec_encode(tiny_tokenizer, ROW["prompt"], ROW["reference"], [ROW["chosen"], ROW["rejected"]], "sft")
-    assert dataset[0]["chosen_ids"] == expected[0] and dataset[0]["rejected_ids"] == expected[1]
-    assert dataset[1]["chosen_ids"] == expected[0]  # the message list flattens to the same prompt
+    assert store.read([0]) == [tuple(expected)]
+    assert store.read([1])[0][0] == expected[0]  # the message list flattens to the same prompt
     assert (stats.num_rows, stats.num_pairs, stats.num_skipped, stats.num_too_long) == (4, 3, 1, 0)
     assert stats.skipped[0].source == f"{b}:1" and stats.num_response_truncated == 1 and stats.num_prompt_truncated == 0
-    assert stats.num_tokens == sum(len(x) for col in ("chosen_ids", "rejected_ids") for x in dataset[col])
+    assert stats.num_tokens == sum(len(x) for col in ("chosen_ids", "rejected_ids") for x in store.column(col))
     assert "3 pairs" in stats.summary()
 
 
@@ -376,7 +376,7 @@ def test_cache_hit_does_not_tokenize_again(tmp_path: Path, tiny_tokenizer_path: 
     tok = load_tokenizer(tiny_tokenizer_path)
     path = write(tmp_path / "train.jsonl", [ROW, dict(ROW, wrapper="pretrain"), dict(ROW, chosen="x " * 50)])
     kwargs: dict[str, Any] = dict(max_length=48, max_response_length=4096, cache_dir=str(tmp_path / "cache"))
-    first, first_stats = load_pair_dataset([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
+    first, first_stats = load_pair_store([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
     assert not first_stats.cache_hit and first_stats.num_too_long == 1
     (entry,) = (tmp_path / "cache").iterdir()
     assert (entry / "stats.json").is_file() and len(entry.name) == 64  # sha256 key, no leftover temp folder
@@ -386,18 +386,18 @@ def test_cache_hit_does_not_tokenize_again(tmp_path: Path, tiny_tokenizer_path: 
 
     for name in ("encode", "decode", "__call__", "convert_ids_to_tokens"):
         monkeypatch.setattr(tok, name, no_tokenizing)
-    monkeypatch.setattr("polar_train.data.special_token_ids", lambda *a: (SEP_ID, REWARD_ID))
+    monkeypatch.setattr("polar_train.store.special_token_ids", lambda *a: (SEP_ID, REWARD_ID))
     with caplog.at_level(logging.INFO, logger="polar_train"):
-        second, second_stats = load_pair_dataset([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
+        second, second_stats = load_pair_store([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
     assert second_stats.cache_hit and "cache hit" in caplog.text
-    assert second.to_list() == first.to_list()
+    assert all(second.column(name) == first.column(name) for name in SCHEMA.names)
     assert (second_stats.num_pairs, second_stats.too_long_sources) == (first_stats.num_pairs, first_stats.too_long_sources)
     # anything that changes the ids changes the key: a different length, different file bytes
     with pytest.raises(AssertionError, match="tokenizer was called"):
-        load_pair_dataset([str(path)], tok, str(tiny_tokenizer_path), **dict(kwargs, max_length=64))
+        load_pair_store([str(path)], tok, str(tiny_tokenizer_path), **dict(kwargs, max_length=64))
     write(path, [ROW])
     with pytest.raises(AssertionError, match="tokenizer was called"):
-        load_pair_dataset([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
+        load_pair_store([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
 
 
 # --- the shipped demo data -------------------------------------------------------------------

@@ -16,8 +16,8 @@ from polar_train.export import convert
 from polar_train.config import load_config
 from polar_train.model import VarlenMeta, load_model
 from polar_train.packing import StepPlanner, best_fit_decreasing, split_across_ranks
+from polar_train.store import load_pairs
 from polar_train.tokenizer import load_tokenizer
-from polar_train.train import load_pairs
 
 from test_resume import assert_same_weights, make_run_folder, metric_rows, one_thread, train, train_losses  # noqa: F401
 
@@ -26,11 +26,15 @@ STEPS = ["train.max_steps=6", "train.save_steps=3", "train.eval_steps=3"]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder holding the one-process reference run and the 2-rank ZeRO-2 / ZeRO-3 runs."""
+    """One folder holding the one-process reference run and the 2-rank ZeRO-2 / ZeRO-3 runs. The
+    reference tokenizes alone without a cache; the ZeRO-2 run's two ranks tokenize half the rows
+    each into a shared cache (polar_train.store), which the ZeRO-3 run then maps."""
     folder = make_run_folder(tmp_path_factory.mktemp("dist"))
     train(folder, "output_dir=one", *STEPS)
     for stage in (2, 3):
-        train(folder, f"output_dir=zero{stage}", *STEPS, "deepspeed.enabled=true", f"deepspeed.zero_stage={stage}", nproc=2)
+        train(folder, f"output_dir=zero{stage}", *STEPS, "deepspeed.enabled=true", f"deepspeed.zero_stage={stage}",
+              "data.cache_dir=cache", nproc=2)
+    assert sorted(p.name for p in next((folder / "cache").iterdir()).iterdir())[:2] == ["shard-00000.arrow", "shard-00001.arrow"]
     return folder
 
 
@@ -39,13 +43,13 @@ def test_micro_batch_counts_differ_between_ranks_before_balancing(tmp_path: Path
     planner then equalises (a split micro-batch or a zero-weight filler)."""
     folder = make_run_folder(tmp_path)
     cfg = load_config(folder / "cfg.yaml")
-    pairs = load_pairs(cfg, [str(folder / "train.jsonl")], load_tokenizer(folder / "tok"), str(folder / "tok"), None, "train")
+    pairs = load_pairs(cfg.data, [str(folder / "train.jsonl")], load_tokenizer(folder / "tok"), str(folder / "tok"), None, "train")
     planner = StepPlanner(pairs.costs, pairs_per_step=cfg.train.pairs_per_step, max_tokens=cfg.data.max_tokens, num_ranks=2)
     unequal = 0
     for step in range(6):
         ids = planner.step_pairs(0, step)
-        shares = split_across_ranks(ids, [pairs.costs[i] for i in ids], 2)
-        counts = [len(best_fit_decreasing(s, [pairs.costs[i] for i in s], cfg.data.max_tokens)) for s in shares]
+        shares = split_across_ranks(ids, [int(pairs.costs[i]) for i in ids], 2)
+        counts = [len(best_fit_decreasing(s, [int(pairs.costs[i]) for i in s], cfg.data.max_tokens)) for s in shares]
         unequal += counts[0] != counts[1]
         planned = [len(bins) for bins in planner.plan(0, step)]
         assert planned[0] == planned[1] == max(counts)

@@ -22,9 +22,10 @@ import yaml
 
 from polar_train import cli, rundir, scoring
 from polar_train.config import load_config
-from polar_train.data import SkippedRow, load_pair_dataset
+from polar_train.data import SkippedRow
 from polar_train.errors import UserError
 from polar_train.model import InternLM2RewardModel, ModelConfig, save_model
+from polar_train.store import load_pair_store
 from polar_train.tokenizer import REWARD_TOKEN, SEP_TOKEN, build_tokenizer, load_tokenizer, save_tokenizer
 
 from conftest import TINY_TEXTS
@@ -145,8 +146,8 @@ def test_skip_keeps_every_skipped_row_also_through_the_cache(tmp_path, tiny_toke
     bad = [BAD_LINES["missing field"][0]] * 7
     data = write_lines(tmp_path / "train.jsonl", [GOOD, *bad, GOOD])
     kwargs = dict(max_length=256, cache_dir=str(tmp_path / "cache"), on_error="skip")
-    _, stats = load_pair_dataset([str(data)], tiny_tokenizer, str(tiny_tokenizer_path), **kwargs)
-    _, cached = load_pair_dataset([str(data)], tiny_tokenizer, str(tiny_tokenizer_path), **kwargs)
+    _, stats = load_pair_store([str(data)], tiny_tokenizer, str(tiny_tokenizer_path), **kwargs)
+    _, cached = load_pair_store([str(data)], tiny_tokenizer, str(tiny_tokenizer_path), **kwargs)
     assert cached.cache_hit and not stats.cache_hit
     for s in (stats, cached):
         assert s.num_skipped == 7 and [r.source for r in s.skipped] == [f"{data}:{n}" for n in range(2, 9)]

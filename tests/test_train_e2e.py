@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from polar_train.config import load_config
-from polar_train.data import load_pair_dataset
 from polar_train.evaluate import pair_rewards
 from polar_train.model import load_model
+from polar_train.store import load_pair_store
 from polar_train.tokenizer import load_tokenizer
 from polar_train.train import run
 
@@ -70,9 +70,9 @@ def test_demo_learns_and_its_export_reloads_with_identical_rewards(tmp_path):
 
     # the export reloads and gives the rewards behind the final eval metrics
     tokenizer = load_tokenizer(out / "hf")
-    dataset, _ = load_pair_dataset([cfg.data.eval_files[0]], tokenizer, str(out / "hf"), max_length=cfg.data.max_length,
-                                   max_response_length=cfg.data.max_response_length, cache_dir=None)
-    pairs = list(zip(dataset["chosen_ids"], dataset["rejected_ids"]))
+    store, _ = load_pair_store([cfg.data.eval_files[0]], tokenizer, str(out / "hf"), max_length=cfg.data.max_length,
+                               max_response_length=cfg.data.max_response_length, cache_dir=None)
+    pairs = store.read(range(len(store)))
     model = load_model(out / "hf")
     chosen, rejected = pair_rewards(model, pairs, max_tokens=cfg.data.max_tokens, shared_prefix=False)
     assert abs((chosen > rejected).double().mean().item() - evals[-1]["accuracy"]) < 1e-6
