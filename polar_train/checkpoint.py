@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from polar_train.config import Config, save_config
@@ -150,19 +150,21 @@ class ShardWriter:
     def __init__(self, folder: Path, limit: int = SHARD_BYTES):
         self.folder, self.limit = folder, limit
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.files: dict[str, int] = {}  # file name -> size in bytes
 
     def add(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + nbytes > self.limit:
+        if self.pending and self.pending_bytes + nbytes > self.limit:
             self._flush()
         self.pending.update({f"{key}/{name}": t.contiguous() for key, t in tensors.items()})
+        self.pending_bytes += nbytes
 
     def _flush(self) -> None:
         path = self.folder / f"state-{len(self.files) + 1:05d}.safetensors"
         save_file(self.pending, str(path), metadata={"format": "pt"})
         self.files[path.name] = path.stat().st_size
-        self.pending = {}
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> dict[str, int]:
         if self.pending or not self.files:
@@ -321,7 +323,7 @@ def _open_safetensors(path: Path, ckpt: Path, size: int | None = None) -> Any:
         raise damaged(path, ckpt, f"holds {path.stat().st_size} bytes, the checkpoint wrote {size}")
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own SafetensorError on any malformed file
+    except (SafetensorError, OSError) as e:  # a malformed header, a pickle, garbage
         raise damaged(path, ckpt, f"is not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
