@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from polar_train.config import Config, save_config
@@ -144,29 +144,39 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
 
 
 class ShardWriter:
-    """Collects tensors and writes a ``state-NNNNN.safetensors`` file whenever the next one would
-    take it over ``limit`` bytes: memory stays about one shard."""
+    """Writes a ``state-NNNNN.safetensors`` file whenever the next tensors would take it over
+    ``limit`` bytes (memory: about one shard). A failed write is raised by ``close``, so rank 0
+    keeps iterating ``named_state``, whose collectives the other ranks are in."""
 
     def __init__(self, folder: Path, limit: int = SHARD_BYTES):
         self.folder, self.limit = folder, limit
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
         self.files: dict[str, int] = {}  # file name -> size in bytes
+        self.error: OSError | None = None
 
     def add(self, name: str, tensors: Mapping[str, torch.Tensor]) -> None:
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.pending and sum(t.numel() * t.element_size() for t in self.pending.values()) + nbytes > self.limit:
-            self._flush()
-        self.pending.update({f"{key}/{name}": t.contiguous() for key, t in tensors.items()})
+        if self.pending and self.pending_bytes + nbytes > self.limit:
+            self._write()
+        if self.error is None:
+            self.pending.update({f"{key}/{name}": t.contiguous() for key, t in tensors.items()})
+            self.pending_bytes += nbytes
 
-    def _flush(self) -> None:
+    def _write(self) -> None:
         path = self.folder / f"state-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files[path.name] = path.stat().st_size
-        self.pending = {}
+        try:
+            save_file(self.pending, str(path), metadata={"format": "pt"})
+            self.files[path.name] = path.stat().st_size
+        except OSError as e:
+            self.error = e
+        self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> dict[str, int]:
         if self.pending or not self.files:
-            self._flush()
+            self._write()
+        if self.error is not None:
+            raise self.error
         return self.files
 
 
@@ -235,14 +245,8 @@ def _prune(root: Path, keep: int) -> None:
 def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under ``out/checkpoints``, oldest first."""
     root = out / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for path in root.iterdir():
-        m = _STEP_DIR.fullmatch(path.name)
-        if m and (path / COMPLETE).is_file():
-            found.append((int(m.group(1)), path))
-    return sorted(found)
+    paths = root.iterdir() if root.is_dir() else []
+    return sorted((int(m.group(1)), p) for p in paths if (m := _STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file())
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -321,7 +325,7 @@ def _open_safetensors(path: Path, ckpt: Path, size: int | None = None) -> Any:
         raise damaged(path, ckpt, f"holds {path.stat().st_size} bytes, the checkpoint wrote {size}")
     try:
         return safe_open(str(path), framework="pt")
-    except Exception as e:  # safetensors raises its own SafetensorError on any malformed file
+    except (SafetensorError, OSError) as e:  # a malformed header, a pickle, garbage
         raise damaged(path, ckpt, f"is not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from polar_train.checkpoint import COMPLETE, STATE_FILE
+from safetensors.torch import load_file
+
+from polar_train.checkpoint import COMPLETE, STATE_FILE, CheckpointState, ShardWriter
 from polar_train.cli import main as cli_main
 from polar_train.engine.schedule import lr_at
 from polar_train.errors import UserError
@@ -103,6 +105,23 @@ def test_resume_with_another_max_steps_warns_and_follows_the_new_schedule(saved:
     assert (f"4 -> 8 steps (train.max_steps / train.epochs changed); the LR schedule now follows the 8-step curve: "
             f"LR at step 2 {lr_at(2, 4, schedule):.4g} -> {lr_at(2, 8, schedule):.4g}") in warnings[0]
     assert json.loads((out / "checkpoints" / "step-8" / STATE_FILE).read_text())["total_steps"] == 8
+
+
+def test_state_shards_stay_under_the_limit_and_read_back_by_name(tmp_path: Path) -> None:
+    """Rank 0 writes a shard whenever the next parameter would take it over the limit (memory stays
+    about one shard); a parameter larger than the limit gets a shard of its own."""
+    torch.manual_seed(0)
+    params = {"a": torch.randn(10), "big": torch.randn(40), "b": torch.randn(6), "c": torch.randn(6)}
+    writer = ShardWriter(tmp_path, limit=3 * 4 * 12)  # bytes: the 3 tensors of a 12-element parameter
+    for name, weight in params.items():
+        writer.add(name, {"fp32": weight, "exp_avg": weight * 2, "exp_avg_sq": weight * 3})
+    files = writer.close()
+    assert list(files) == ["state-00001.safetensors", "state-00002.safetensors", "state-00003.safetensors"]
+    assert [sorted({k.split("/")[1] for k in load_file(tmp_path / f)}) for f in files] == [["a"], ["big"], ["b", "c"]]
+    state = CheckpointState(tmp_path, {"adam_step": 3, "loss_scale": None, "state_files": files})
+    for name, weight in params.items():
+        assert torch.equal(state.tensor(name, "exp_avg_sq"), weight * 3)
+    assert dict(state.weights()).keys() == params.keys()
 
 
 # ---------------------------------------------------------------------------------------------

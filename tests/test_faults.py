@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import polar_train.train as train_module
-from polar_train.checkpoint import COMPLETE, ShardWriter, complete_checkpoints
+from polar_train import checkpoint
+from polar_train.checkpoint import COMPLETE, complete_checkpoints
 from polar_train.cli import main as cli_main
 from polar_train.engine.torch import TorchEngine
 from polar_train.errors import UserError
@@ -87,17 +88,18 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(run_folder: Path, monkey
 
 def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(run_folder)
-    flush = ShardWriter._flush  # the tiny model's state is one shard: one flush per save
-    calls = {"n": 0}
+    save_file = checkpoint.save_file
+    shards = {"n": 0}
 
-    def disk_full_on_second_save(self: ShardWriter) -> None:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            (self.folder / "state-00001.safetensors").write_bytes(b"partial")  # a partial write, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.folder / "state-00001.safetensors"))
-        flush(self)
+    def disk_full_on_second_save(tensors, path: str, metadata=None) -> None:
+        if Path(path).name.startswith("state-"):  # the tiny model's state is one shard: one per save
+            shards["n"] += 1
+            if shards["n"] == 2:
+                Path(path).write_bytes(b"partial")  # a partial write, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+        save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ShardWriter, "_flush", disk_full_on_second_save)
+    monkeypatch.setattr(checkpoint, "save_file", disk_full_on_second_save)
     assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 1
     err = capsys.readouterr().err
     out = run_folder / "full_disk"
@@ -107,7 +109,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypat
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # no partial folder left
     assert (out / "checkpoints" / "step-2" / COMPLETE).exists()
 
-    monkeypatch.setattr(ShardWriter, "_flush", flush)  # the disk has space again: resume
+    monkeypatch.setattr(checkpoint, "save_file", save_file)  # the disk has space again: resume
     assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 0
     assert cli_main(["train", "cfg.yaml", "output_dir=clean", "train.save_steps=2"]) == 0
     assert metric_rows(out) == metric_rows(run_folder / "clean")

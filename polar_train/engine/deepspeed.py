@@ -225,7 +225,7 @@ class DeepSpeedEngine:
             full = {"fp32": master}
             for key in ADAM_MOMENTS if param.requires_grad else ():
                 if not stepped:  # zero moments, as AdamW starts them
-                    full[key] = torch.zeros(getattr(param, "ds_shape", param.shape))
+                    full[key] = torch.zeros(compat.full_shape(param))
                 elif fragments:
                     full[key] = safe_get_full_optimizer_state(param, key)
                 else:
@@ -240,14 +240,14 @@ class DeepSpeedEngine:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         named = {name: p for name, p in self.engine.module.named_parameters() if p.requires_grad}
-        state.check({name: getattr(p, "ds_shape", p.shape) for name, p in named.items()})
+        state.check({name: compat.full_shape(p) for name, p in named.items()})
         for master in compat.flat_masters(self.engine, self.optimizer):
             adam_state(self.optimizer, master, state.adam_step)
         compat.link_optimizer_state(self.engine)
         copies = compat.replicated_masters(self.engine, self.zero_stage)
         for name, param in named.items():
             weight = state.tensor(name, "fp32").to(self.device)
-            if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):  # ZeRO-1/2/3: this rank's fragment
+            if compat.has_fragment(param):  # ZeRO-1/2/3: this rank's fragment
                 safe_set_full_fp32_param(param, weight)
                 for key in ADAM_MOMENTS:
                     safe_set_full_optimizer_state(param, state.tensor(name, key).to(self.device), key)
@@ -257,7 +257,7 @@ class DeepSpeedEngine:
                 for key in ADAM_MOMENTS:
                     self.optimizer.state[master][key].copy_(state.tensor(name, key))
             # the working weights the forward reads (bf16 / fp16 copies, or ZeRO's own fp32 ones)
-            if hasattr(param, "ds_id"):  # ZeRO-3: gathered, set on rank 0, re-partitioned
+            if compat.is_partitioned(param):  # ZeRO-3: gathered, set on rank 0, re-partitioned
                 with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
                     if self.rank == 0:
                         param.data.copy_(weight)

@@ -12,7 +12,8 @@ and, where that API has gaps, these internals (tested with ``SUPPORTED``):
 - ``FP16_UnfusedOptimizer.fp16_groups`` / ``fp32_groups`` (ZeRO-0 fp16): its fp32 master copies,
   which the fragment API does not reach, and the two stage-0 fp16 quirks of 0.19 (see
   ``fp16_zero0_scales_loss`` and ``DeepSpeedEngine.undo_phantom_step``);
-- ``optimizer.loss_scale`` (a settable property of every fp16 optimizer) to restore the loss scale.
+- ``optimizer.loss_scale`` (a settable property of every fp16 optimizer) to restore the loss scale;
+- the parameter attributes ``ds_id`` / ``ds_shape`` (ZeRO-3) and ``_hp_mapping`` (the fragment link).
 
 A DeepSpeed without one of them stops the run at engine build with one line naming it and the
 supported range, instead of failing (or silently training differently) mid-run.
@@ -38,6 +39,8 @@ REQUIRED = (
     *(("deepspeed.utils", name, None) for name in ("safe_get_full_fp32_param", "safe_set_full_fp32_param",
                                                    "safe_get_full_optimizer_state", "safe_set_full_optimizer_state")),
     ("deepspeed.runtime.base_optimizer", "ZeROOptimizer", None),
+    *(("deepspeed.runtime.engine", "DeepSpeedEngine", method) for method in
+      ("set_gradient_accumulation_boundary", "was_step_applied", "get_global_grad_norm")),
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "_lazy_init_hp_params_optimizer_state"),
     ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "_lazy_init_hp_params_optimizer_state"),
     ("deepspeed.runtime.fp16.unfused_optimizer", "FP16_UnfusedOptimizer", "loss_scale"),
@@ -121,6 +124,22 @@ def link_optimizer_state(engine: Any) -> None:
     name = type(engine.optimizer).__name__
     if name in ("DeepSpeedZeroOptimizer", "BF16_Optimizer"):
         internal(engine.optimizer, "_lazy_init_hp_params_optimizer_state")()
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    """ZeRO-3: the parameter holds only this rank's piece (``ds_id`` set by ``zero.Init``)."""
+    return hasattr(param, "ds_id")
+
+
+def has_fragment(param: torch.nn.Parameter) -> bool:
+    """The fragment API reaches this parameter's fp32 master (ZeRO-3, or the ``_hp_mapping`` link
+    of ZeRO-1/2 and BF16_Optimizer); False for ZeRO-0 fp32 / fp16."""
+    return is_partitioned(param) or hasattr(param, "_hp_mapping")
+
+
+def full_shape(param: torch.nn.Parameter) -> torch.Size:
+    """The whole parameter's shape (ZeRO-3 keeps it in ``ds_shape``; the tensor is a piece)."""
+    return torch.Size(getattr(param, "ds_shape", param.shape))
 
 
 def get_loss_scale(engine: Any) -> float:
