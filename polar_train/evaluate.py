@@ -12,6 +12,10 @@ groups; a single sequence longer than ``max_tokens`` runs alone in its own forwa
     group A (3 outputs, prefix p)  ->  [p a1' | a2' | a3']       one forward may hold
     group B (pair, prefix q)       ->  [q c' | r']               several such groups
 
+This is the one inference path: ``polar-train score`` and ``eval`` (scoring.py) and training's
+own eval (train.py, each rank running its share of the forwards: ``Ranks``) all come here, so
+training's eval and ``polar-train eval`` give the same figures on the same data and model.
+
 Report: ``pair_report(chosen, rejected, **counts)`` turns pair rewards into the figures a user
 (and the trainer at its eval steps) wants; ``write_report`` writes ``report.json`` and two PNG
 plots. Example::
