@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from polar_train.checkpoint import ModelSource, export_hf, find_resume, fresh_state, load_checkpoint, save_checkpoint
 from polar_train.config import Config
 from polar_train.engine import build_engine, distributed
-from polar_train.errors import TrainingError, UserError
+from polar_train.errors import TrainingError
 from polar_train.evaluate import pair_report, write_report
 from polar_train.loss import pair_losses, pair_stats, summarize
 from polar_train.packing import StepPlanner, pack_step
