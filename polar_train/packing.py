@@ -315,7 +315,7 @@ def filler_pair() -> tuple[list[int], list[int]]:
 
 
 class PairReader(Protocol):
-    """Reads pairs by index: the store (``polar_train.store.PairSet``) or ``PairList``."""
+    """Reads pairs by index: the memory-mapped ``polar_train.store.PairStore``, or a ``PairList``."""
 
     def __len__(self) -> int: ...
 
