@@ -155,6 +155,31 @@ def test_convert_of_a_lora_checkpoint_gives_the_merged_export(run_folder: Path) 
     assert_same_weights(converted, out / "hf")
 
 
+def test_lora_on_a_bf16_base_folder_exports_and_converts_in_its_layout(run_folder: Path, capsys) -> None:
+    base = convert(run_folder / "full" / "checkpoints" / "step-6", run_folder / "base_bf16", dtype="bfloat16")
+    run(in_process_config(run_folder, "lora_on_base", "model.lora.rank=4", "train.max_steps=3", "train.save_steps=3",
+                          "data.eval_files=[]", f"model.path={base}"))
+    out = run_folder / "lora_on_base"
+    exported, base_weights = hf_weights(out / "hf"), hf_weights(base)
+    assert {n: (t.shape, t.dtype) for n, t in exported.items()} == {n: (t.shape, t.dtype) for n, t in base_weights.items()}
+    assert next(iter(exported.values())).dtype == torch.bfloat16  # export_dtype auto: the base's
+    for name in ("model.tok_embeddings.weight", "model.norm.weight", "model.layers.0.attention_norm.weight"):
+        assert torch.equal(exported[name], base_weights[name]), name
+    assert not torch.equal(exported["model.layers.0.attention.wqkv.weight"], base_weights["model.layers.0.attention.wqkv.weight"])
+    converted = convert(out / "checkpoints" / "step-3", run_folder / "lora_on_base_converted")
+    assert_same_weights(converted, out / "hf")
+
+    base.rename(run_folder / "base_moved")  # the adapters alone cannot be merged
+    capsys.readouterr()
+    try:
+        assert cli_main(["convert", str(out / "checkpoints" / "step-3"), str(run_folder / "x")]) == 2
+    finally:
+        (run_folder / "base_moved").rename(base)
+    assert capsys.readouterr().err == (f"polar-train: error: {out / 'checkpoints' / 'step-3'}: is a LoRA checkpoint whose "
+                                       f"base model {base} is not found (the adapters are merged into that base: put the "
+                                       "base folder back at that path)\n")
+
+
 def test_resume_with_dropout_reproduces_the_uninterrupted_run(run_folder: Path, monkeypatch) -> None:
     full = run_folder / "lora"
     run(in_process_config(run_folder, "lora_resumed", *LORA, "model.lora.dropout=0.1",
@@ -169,6 +194,19 @@ def test_resume_with_dropout_reproduces_the_uninterrupted_run(run_folder: Path, 
                           f"checkpoint.resume={full / 'checkpoints' / 'step-3'}"))
     assert train_losses(run_folder / "lora_no_rng")[:3] == train_losses(full)[:3]
     assert train_losses(run_folder / "lora_no_rng")[3:] != train_losses(full)[3:]
+
+
+def test_gradient_checkpointing_and_the_shared_prefix_change_no_lora_loss(run_folder: Path) -> None:
+    losses = {}
+    for name, extra in (("plain", []), ("recompute", ["model.gradient_checkpointing=true"]),
+                        ("unshared", ["data.shared_prefix=false"])):
+        run(in_process_config(run_folder, f"lora_{name}", "model.lora.rank=4", "train.max_steps=3", "data.eval_files=[]",
+                              "data.max_tokens=4096", *extra))  # every pair fits both layouts: the same data
+        losses[name] = torch.tensor(train_losses(run_folder / f"lora_{name}"))
+    assert len(losses["plain"]) == 3
+    torch.testing.assert_close(losses["recompute"], losses["plain"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(losses["unshared"], losses["plain"], rtol=1e-5, atol=0)
+    assert_same_weights(run_folder / "lora_recompute" / "hf", run_folder / "lora_plain" / "hf", atol=1e-6)
 
 
 @pytest.mark.parametrize("lora, ckpt, message", [
