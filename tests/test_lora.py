@@ -17,7 +17,7 @@ import polar_train.checkpoint as checkpoint_module
 from polar_train.adapters import PEFT_PREFIX, LoraSection
 from polar_train.checkpoint import COMPLETE
 from polar_train.cli import main as cli_main
-from polar_train.config import load_config
+from polar_train.config import load_config, resumable_keys
 from polar_train.engine import build_engine
 from polar_train.engine.dist import Dist
 from polar_train.evaluate import pair_rewards
@@ -239,8 +239,16 @@ def test_bad_lora_settings_are_one_line(run_folder: Path, capsys, override: str,
     assert capsys.readouterr().err == f"polar-train: error: {run_folder / 'cfg.yaml'}: {message}\n"
 
 
-def test_the_old_style_alias_sets_export_adapter(run_folder: Path) -> None:
+def test_lora_settings_are_part_of_the_run_and_export_adapter_has_its_old_name(run_folder: Path, capsys) -> None:
     assert load_config(run_folder / "cfg.yaml", ["train.export_adapter=true"]).checkpoint.export_adapter
+    keys = resumable_keys()
+    assert "checkpoint.export_adapter" in keys
+    assert not keys & {"model.lora.rank", "model.lora.alpha", "model.lora.dropout", "model.lora.target_modules"}
+    # the full run's own output_dir continued with LoRA on: a different run, named by its key
+    assert cli_main(["train", str(run_folder / "cfg.yaml"), f"output_dir={run_folder / 'full'}", "model.lora.rank=4",
+                     f"model.fresh.tokenizer={run_folder / 'tok'}", f"data.train_files={run_folder / 'train.jsonl'}",
+                     f"data.eval_files={run_folder / 'eval.jsonl'}"]) == 2
+    assert "output_dir holds a different run (model.lora.rank: 0 -> 4)" in capsys.readouterr().err
 
 
 # --- slow: the demo, SIGKILL, two ranks -----------------------------------------------------
@@ -248,8 +256,10 @@ def test_the_old_style_alias_sets_export_adapter(run_folder: Path) -> None:
 
 @pytest.mark.slow
 def test_lora_on_the_demo_learns(tmp_path: Path) -> None:
-    cfg = demo_config(tmp_path, "demo_lora", "model.lora.rank=16", "model.lora.alpha=32", "optimizer.lr=1e-2",
-                      "train.epochs=2", "train.eval_steps=0")
+    # the demo's fresh random base, frozen: the adapters (rank 32 of hidden 96) and the head learn the task
+    # alone; measured 0.785 / 0.895 / 0.90 at steps 250 / 500 / 750 (lr 1e-2 collapsed to constant rewards)
+    cfg = demo_config(tmp_path, "demo_lora", "model.lora.rank=32", "model.lora.alpha=64", "optimizer.lr=1.5e-3",
+                      "train.epochs=6", "train.eval_steps=0")
     run(cfg)
     evals = metrics(Path(cfg.output_dir), "eval")
     assert evals[0]["step"] == 0 and 0.35 <= evals[0]["accuracy"] <= 0.65, evals[0]
