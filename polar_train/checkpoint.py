@@ -10,7 +10,8 @@ A run's output directory::
                                    (engine, ranks, ZeRO stage, precision, offload), export dtype,
                                    metrics to continue, and every state file with its size in bytes
           state-00001.safetensors  per parameter NAME: "fp32/<name>" (master weight), "exp_avg/<name>",
-          ...                      "exp_avg_sq/<name>" (AdamW moments); shards of at most ~2 GB
+          ...                      "exp_avg_sq/<name>" (AdamW moments); shards of at most ~2 GB;
+                                   trainable parameters only (LoRA: adapters + v_head; the base is model.path's)
           rng/rank-00000.safetensors   RNG states, one file per rank
           config.yaml              the resolved run config
           model_files/             config.json + tokenizer + remote-code *.py: convert needs no base folder
@@ -49,6 +50,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from polar_train.adapters import check_resume_lora, lora_settings
 from polar_train.config import Config, save_config
 from polar_train.engine.dist import Dist
 from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
@@ -190,6 +192,7 @@ def _write_run_files(folder: Path, out: Path, state: TrainerState, cfg: Config, 
         **launch_of(engine),  # engine, world_size, zero_stage, precision, offload_optimizer, offload_params
         "export_dtype": export_dtype(cfg.train.export_dtype, source.config),
         "base_model": source.path or None,
+        "lora": lora_settings(cfg.model.lora),  # None: a full fine-tune (export.py merges a LoRA one)
         "state_files": state_files,
     }
     (folder / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -286,7 +289,7 @@ def find_resume(cfg: Config) -> Path | None:
         return None
     ckpt = latest_checkpoint(out) if cfg.train.resume == "auto" else resolve_checkpoint(cfg.train.resume, "train.resume")
     if ckpt is not None:
-        check_checkpoint(ckpt)
+        check_resume_lora(check_checkpoint(ckpt).get("lora"), cfg.model.lora, ckpt)
     return ckpt
 
 

@@ -30,6 +30,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from polar_train.adapters import LoraSection
 from polar_train.errors import UserError
 
 log = logging.getLogger("polar_train")
@@ -75,6 +76,7 @@ class ModelSection:
     gradient_checkpointing: bool = resumable(False)  # recompute each decoder layer in backward
     trust_remote_code: bool = resumable(False)  # allow the tokenizer code (tokenization_*.py) shipped in model.path to run
     fresh: FreshModelSection = field(default_factory=FreshModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)  # rank 0 (the default) = full fine-tune
 
     def problems(self) -> list[str]:
         if not self.path and not self.fresh.tokenizer:
@@ -149,6 +151,7 @@ class CheckpointSection:
     save_total_limit: int = resumable(2)  # checkpoints kept (the oldest are removed)
     resume: str = resumable("auto")  # auto (latest complete checkpoint of output_dir) | never | a step-N folder or run dir
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = resumable("auto")  # HF export dtype; auto = the base's
+    export_adapter: bool = resumable(False)  # LoRA: also write the adapter alone (peft layout) to output_dir/adapter
 
     def problems(self) -> list[str]:
         return _non_negative(self, "save_steps") + _positive(self, "save_total_limit")
@@ -237,6 +240,7 @@ ALIASES: dict[str, str] = {
     "train.save_total_limit": "checkpoint.save_total_limit",
     "train.resume": "checkpoint.resume",
     "train.export_dtype": "checkpoint.export_dtype",
+    "train.export_adapter": "checkpoint.export_adapter",
 }
 
 

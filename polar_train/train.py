@@ -37,6 +37,7 @@ from polar_train.evaluate import Ranks, pair_report, pair_rewards, write_report
 from polar_train.export import export_hf
 from polar_train.loss import pair_losses, pair_stats, summarize
 from polar_train.model.build import ModelSource
+from polar_train.model.lora import count_parameters
 from polar_train.packing import StepPlanner, pack_step
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
 from polar_train.rundir import hold_output_dir, preflight, prepare_output_dir, write_skipped_rows
@@ -73,7 +74,8 @@ def run(cfg: Config) -> dict[str, float]:
         planner = StepPlanner(train_set.costs, pairs_per_step=cfg.train.pairs_per_step, max_tokens=cfg.data.max_tokens,
                               num_ranks=dist.world_size, seed=cfg.seed)
         total_steps = cfg.train.max_steps or cfg.train.epochs * planner.steps_per_epoch
-        engine = build_engine(cfg, dist, source, load_weights=resume_from is None)
+        # a LoRA checkpoint holds the trainable parameters only: the frozen base comes from the source
+        engine = build_engine(cfg, dist, source, load_weights=resume_from is None or cfg.model.lora.enabled)
         if resume_from:
             state = load_checkpoint(engine, dist, resume_from, out, total_steps, cfg.train)
         else:
@@ -82,6 +84,10 @@ def run(cfg: Config) -> dict[str, float]:
         log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention, engine.precision,
                  dist.world_size, engine.kind, f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else "", dist.device)
         log.info("%d train pairs, %d steps of %d pairs", len(train_set.pairs), total_steps, cfg.train.pairs_per_step)
+        trainable, total = count_parameters(engine.model)
+        log.info("trainable parameters: %s of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+                 f" | LoRA rank {cfg.model.lora.rank} on {', '.join(cfg.model.lora.target_modules)} + v_head"
+                 if cfg.model.lora.enabled else "")
         losses_of = loss_function(cfg.loss)
 
         def evaluate(step: int) -> dict[str, float]:

@@ -21,6 +21,8 @@ backward). Padded mode is credited only with its real tokens' FLOPs (useful work
 CPU (tiny model; ratios only):
     python scripts/make_length_mix.py --scale 0.125 --num-pairs 256 --out /tmp/mix.jsonl
     python scripts/bench.py --data /tmp/mix.jsonl --shape tiny --steps 4 --pairs-per-step 64 --max-tokens 8192
+LoRA vs full fine-tune (training-state bytes, peak RSS of a step, step time; docs/benchmarks.md):
+    python scripts/bench.py --data /tmp/mix.jsonl --shape small --steps 3 --pairs-per-step 16 --max-tokens 4096 --lora-rank 16
 GPU (random POLAR-shaped weights, bf16):
     python scripts/bench.py --data data/length_mix.jsonl --shape polar-1.8b --steps 5 --pairs-per-step 64
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import statistics
@@ -165,6 +168,96 @@ def run_mode(mode, model, opt, steps_plan, pairs, device, cast, sync):
 ORIGINAL_ATTENTION = internlm2_module.varlen_attention
 
 
+# ---- LoRA vs full fine-tune: training-state bytes, peak RSS of a step, step time ----
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def read_peak_rss() -> int:
+    """This process's peak resident set size since the last ``reset_peak_rss`` (VmHWM), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := the current RSS
+
+
+def lora_vs_full(args, pairs, tokenizer, reward_id, attention, device, sync) -> dict:
+    """The same packed steps (shared prefix) for a LoRA model and the full model, one after the
+    other in this process (LoRA first: the full run's larger peak is not hidden by leftovers).
+    Like the trainer: trainable parameters fp32 (the masters), a LoRA run's frozen base in the
+    compute dtype (bf16 on CUDA with autocast; fp32 on a CPU), AdamW over the trainable ones."""
+    from polar_train.adapters import LoraSection
+    from polar_train.model.lora import add_adapters
+
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cast = torch.autocast("cuda", dtype=compute) if device.type == "cuda" else contextlib.nullcontext()
+    planner = StepPlanner([pair_cost(c, r, True) for c, r in pairs], pairs_per_step=args.pairs_per_step,
+                          max_tokens=args.max_tokens, seed=0)
+    plans = [planner.plan(0, k)[0] for k in range(args.steps + 1)]
+    results = {}
+    for mode in ("lora", "full"):
+        model = build_model(args.shape, len(tokenizer), reward_id, attention, device, torch.float32)
+        model.gradient_checkpointing = args.gradient_checkpointing
+        if mode == "lora":
+            add_adapters(model, LoraSection(rank=args.lora_rank, alpha=2.0 * args.lora_rank), seed=0)
+            for param in model.parameters():
+                param.data = param.data.to(torch.float32 if param.requires_grad else compute)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=1e-6, foreach=False)
+        times, grads = [], 0
+        for k, plan_bins in enumerate(plans):  # step 0: warm-up (AdamW creates its state), not measured
+            if k == 1:
+                reset_peak_rss()
+            sync()
+            t0 = time.perf_counter()
+            step_pairs = sum(len(b) for b in plan_bins)
+            for mb in pack_step(plan_bins, pairs, shared_prefix=True):
+                mb = mb.to(device)
+                with cast:
+                    rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()
+                c, r = rewards.chunk(2)
+                (-F.logsigmoid(c - r)).sum().div(step_pairs).backward()
+            grads = tensor_bytes(p.grad for p in trainable if p.grad is not None)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - t0)
+        params = tensor_bytes(model.parameters())
+        state = tensor_bytes(t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+        results[mode] = {
+            "trainable_parameters": sum(p.numel() for p in trainable), "parameters": sum(p.numel() for p in model.parameters()),
+            "parameter_bytes": params, "gradient_bytes": grads, "optimizer_state_bytes": state,
+            "training_state_bytes": params + grads + state,
+            "peak_rss_bytes": read_peak_rss() if device.type == "cpu" else None,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+            "step_seconds": statistics.mean(times[1:]),
+        }
+        del model, opt, trainable
+        gc.collect()
+    results["ratios"] = {key: results["lora"][key] / results["full"][key]
+                         for key in ("training_state_bytes", "peak_rss_bytes", "step_seconds") if results["full"][key]}
+    return results
+
+
+def print_lora_vs_full(results: dict, args, device) -> None:
+    mib = 2**20
+    print(f"device {device} | shape {args.shape} | LoRA rank {args.lora_rank} (alpha {2 * args.lora_rank}) on wqkv, wo, "
+          f"w1, w2, w3 + v_head | {args.steps} steps x {args.pairs_per_step} pairs | budget {args.max_tokens}")
+    print(f"{'mode':5} {'trainable':>12} {'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'state MiB':>10} "
+          f"{'peak RSS MiB':>13} {'s/step':>7}")
+    for mode in ("lora", "full"):
+        r = results[mode]
+        rss = f"{r['peak_rss_bytes'] / mib:.0f}" if r["peak_rss_bytes"] else "-"
+        print(f"{mode:5} {r['trainable_parameters']:>12,} {r['parameter_bytes'] / mib:11.1f} {r['gradient_bytes'] / mib:10.1f} "
+              f"{r['optimizer_state_bytes'] / mib:10.1f} {r['training_state_bytes'] / mib:10.1f} {rss:>13} {r['step_seconds']:7.2f}")
+    print("lora / full: " + ", ".join(f"{k} {v:.3f}x" for k, v in results["ratios"].items()))
+
+
 def matmul_peak_tflops(device, dtype) -> float:
     n = 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -192,6 +285,8 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=16384)
     p.add_argument("--attention", default="auto")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="instead of the three modes: LoRA of this rank vs the full fine-tune (memory, step time)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -206,6 +301,12 @@ def main() -> None:
     pairs = [(c, r) for c, r in store.read(range(len(store)))
              if pair_cost(c, r, False) <= args.max_tokens]  # every mode sees the same pairs (a benchmark's few)
     attention = resolve_attention(args.attention, device)
+    if args.lora_rank:
+        results = lora_vs_full(args, pairs, tokenizer, reward_id, attention, device, sync)
+        print_lora_vs_full(results, args, device)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+        return
     model = build_model(args.shape, len(tokenizer), reward_id, attention, device, dtype)
     model.gradient_checkpointing = args.gradient_checkpointing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=device.type == "cuda")

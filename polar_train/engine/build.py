@@ -31,6 +31,9 @@ def build_engine(cfg: Config, dist: Dist, source: ModelSource, *, load_weights: 
     """
     precision = resolve_precision(cfg.train.precision, dist.device)
     if not dist.uses_deepspeed:  # fp32 parameters; autocast computes in the precision's dtype
-        model = source.build(cfg.model, dist.device, torch.float32, DTYPES[precision], load_weights=load_weights)
+        # LoRA: the frozen base held in the compute dtype (no fp32 copy), the trainable parameters in fp32
+        dtype = DTYPES[precision] if cfg.model.lora.enabled else torch.float32
+        model = source.build(cfg.model, dist.device, dtype, DTYPES[precision], load_weights=load_weights,
+                             trainable_dtype=torch.float32)
         return TorchEngine(model, cfg.train, dist.device, precision)
     return DeepSpeedEngine(cfg, dist, source, precision, load_weights=load_weights)

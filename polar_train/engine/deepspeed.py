@@ -31,6 +31,7 @@ import torch
 
 from polar_train.config import Config, DeepSpeedSection, TrainSection
 import polar_train.engine.deepspeed_compat as compat
+from polar_train.adapters import is_lora_param
 from polar_train.engine.optim import adam_state, adam_step, adamw_settings, build_optimizer, set_lr
 from polar_train.engine.protocol import ADAM_MOMENTS, DTYPES, NamedState, StepResult
 from polar_train.errors import TrainingError
@@ -114,14 +115,15 @@ class DeepSpeedEngine:
             deepspeed.zero.register_external_parameter(model, model.v_head.weight)
         else:
             model = source.build(cfg.model, dist.device, dtype, dtype, load_weights=load_weights)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: a frozen base has no master, no state
         # DeepSpeed points this optimizer's param groups at its fp32 masters (ZeRO: flat partitions);
         # set_lr writes into them, which is what ZeRO's optimizer steps with
         if ds.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiles once)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            self.optimizer = DeepSpeedCPUAdam(model.parameters(), adamw_mode=True, **adamw_settings(cfg.train))
+            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adamw_settings(cfg.train))
         else:
-            self.optimizer = build_optimizer(model.parameters(), cfg.train)
+            self.optimizer = build_optimizer(trainable, cfg.train)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.scale_loss_here = compat.fp16_zero0_scales_loss(self.engine, precision)
         self.undo_phantom_step()
@@ -208,6 +210,8 @@ class DeepSpeedEngine:
 
         copies = compat.replicated_masters(self.engine, self.zero_stage)
         for name, param in self.engine.module.named_parameters():
+            if not param.requires_grad:  # a frozen base (LoRA) has no master: it is the source's
+                continue
             full = safe_get_full_fp32_param(param)  # None without a ZeRO / bf16 optimizer
             if full is None:  # ZeRO-0: the parameter is its own master (fp32) or has an fp32 copy
                 yield name, param, copies.get(param, param), False
@@ -280,6 +284,8 @@ def load_partitioned(model: torch.nn.Module, source: ModelSource, rank: int) -> 
 
     with source.tensors() as get:  # every rank opens the headers (cheap); only rank 0 reads data
         for name, param in model.named_parameters():
+            if is_lora_param(name):  # an adapter keeps its own init (model/lora.py)
+                continue
             with deepspeed.zero.GatheredParameters(param, modifier_rank=0):
                 if rank == 0:
                     param.data.copy_(get(name))

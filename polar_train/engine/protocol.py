@@ -82,15 +82,17 @@ class Engine(Protocol):
     def loss_scale(self) -> float | None: ...
 
     def named_state(self) -> Iterator[tuple[str, dict[str, torch.Tensor] | None]]:
-        """Every parameter's fp32 master weight and AdamW moments, one parameter at a time (a
-        collective); whole CPU tensors on rank 0, None on the other ranks."""
+        """Every trainable parameter's fp32 master weight and AdamW moments, one parameter at a time
+        (a collective); whole CPU tensors on rank 0, None on the other ranks. A LoRA run's frozen
+        base is not training state: it comes from the model source again on resume."""
 
     def load_named_state(self, state: NamedState) -> None:
         """Set every master weight, both AdamW moments, the AdamW step (and the fp16 loss scale)
         exactly from ``state`` (every rank calls it)."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The fp32 master weights on rank 0 (a collective), None elsewhere."""
+        """The trainable parameters' fp32 master weights (all of them in a full fine-tune) on rank 0
+        (a collective), None elsewhere."""
 
 
 def launch_of(engine: Engine) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from polar_train.engine.protocol import ADAM_MOMENTS, NamedState, StepResult
 
 
 class TorchEngine:
-    """One process, plain PyTorch AdamW; parameters stay fp32, autocast runs bf16 / fp16 (with a
-    dynamic loss scale for fp16)."""
+    """One process, plain PyTorch AdamW; trainable parameters stay fp32 (a LoRA run's frozen base
+    is in the compute dtype), autocast runs bf16 / fp16 (with a dynamic loss scale for fp16)."""
 
     kind = "torch"
     zero_stage = None
@@ -81,10 +81,10 @@ class TorchEngine:
 
     def named_state(self) -> Iterator[tuple[str, dict[str, torch.Tensor] | None]]:
         for name, param in self.model.named_parameters():
-            state = self.optimizer.state.get(param, {})
-            tensors = {"fp32": param.detach()}
-            if param.requires_grad:  # no step taken yet: zero moments, as AdamW starts them
-                tensors.update({key: state[key] if state else torch.zeros_like(param) for key in ADAM_MOMENTS})
+            if not param.requires_grad:  # a frozen base (LoRA) is the source's, not training state
+                continue
+            state = self.optimizer.state.get(param, {})  # empty before the first step: zero moments, as AdamW starts them
+            tensors = {"fp32": param, **{key: state[key] if state else torch.zeros_like(param) for key in ADAM_MOMENTS}}
             yield name, {key: t.detach().float().cpu() for key, t in tensors.items()}
 
     @torch.no_grad()
@@ -100,4 +100,4 @@ class TorchEngine:
             self.scaler.load_state_dict({**self.scaler.state_dict(), "scale": state.loss_scale})
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {name: p.detach().float().cpu() for name, p in self.model.named_parameters() if p.requires_grad}

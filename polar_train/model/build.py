@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from polar_train.adapters import HEAD
 from polar_train.config import ModelSection
 from polar_train.errors import UserError
 from polar_train.model import hf
 from polar_train.model.attention import resolve_attention
 from polar_train.model.hf import load_model
 from polar_train.model.internlm2 import InternLM2RewardModel, ModelConfig
+from polar_train.model.lora import add_adapters
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")
@@ -60,9 +62,33 @@ class ModelSource:
         return cls(config, Path(fresh.tokenizer), "", seed)
 
     def build(self, model: ModelSection, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, *,
-              load_weights: bool = True, partitioned: bool = False) -> InternLM2RewardModel:
+              load_weights: bool = True, partitioned: bool = False,
+              trainable_dtype: torch.dtype | None = None) -> InternLM2RewardModel:
         """The whole model on ``device`` in ``dtype``. ``load_weights=False``: uninitialised memory
-        (a checkpoint overwrites it); ``partitioned``: plain construction inside ``zero.Init``."""
+        (a checkpoint overwrites it); ``partitioned``: plain construction inside ``zero.Init``.
+
+        With ``model.lora`` on, the base is frozen in ``dtype`` and the adapters and ``v_head``
+        (the trainable parameters) are held in ``trainable_dtype`` (default ``dtype``): the
+        plain engine keeps fp32 masters of those only; the head is read again from the source
+        in that dtype, so it starts from the base's exact value.
+        """
+        built = self._build_base(model, device, dtype, compute_dtype, load_weights=load_weights, partitioned=partitioned)
+        if not model.lora.enabled:
+            return built
+        add_adapters(built, model.lora, self.seed)
+        if partitioned:  # inside zero.Init: DeepSpeed places and casts the new parameters itself
+            return built
+        trainable_dtype = trainable_dtype or dtype
+        for param in built.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(device=device, dtype=trainable_dtype)
+        if load_weights and trainable_dtype != dtype:
+            with self.tensors() as get, torch.no_grad():
+                built.v_head.weight.copy_(get(HEAD))
+        return built
+
+    def _build_base(self, model: ModelSection, device: torch.device, dtype: torch.dtype, compute_dtype: torch.dtype, *,
+                    load_weights: bool, partitioned: bool) -> InternLM2RewardModel:
         attention = resolve_attention(model.attention, device, compute_dtype)
         ckpt = model.gradient_checkpointing
         if partitioned:
