@@ -27,7 +27,8 @@ from polar_train.model.build import ModelSource
 from polar_train.model.hf import expected_shapes
 from polar_train.model.lora import LoraLinear, MergedWeights, add_adapters
 from polar_train.tokenizer import load_tokenizer
-from polar_train.train import load_pairs, run
+from polar_train.store import load_pairs
+from polar_train.train import run
 
 from test_resume import (  # noqa: F401
     assert_same_weights, hf_weights, in_process_config, make_run_folder, metric_rows, one_thread, start_training,
@@ -55,7 +56,8 @@ def base_model(folder: Path, *overrides: str):
 
 def eval_rewards(folder: Path, model: torch.nn.Module) -> torch.Tensor:
     cfg = in_process_config(folder, "unused")
-    pairs = load_pairs(cfg, cfg.data.eval_files, load_tokenizer(folder / "tok"), str(folder / "tok"), None, "eval").pairs
+    store = load_pairs(cfg.data, cfg.data.eval_files, load_tokenizer(folder / "tok"), str(folder / "tok"), None, "eval").pairs
+    pairs = store.read(range(len(store)))
     with torch.no_grad():
         return torch.cat(pair_rewards(model, pairs, max_tokens=cfg.data.max_tokens, shared_prefix=True))  # [2N]
 
