@@ -51,10 +51,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from polar_train.adapters import check_resume_lora, lora_settings
-from polar_train.config import Config, save_config
+from polar_train.config import Config, ScheduleSection, save_config
 from polar_train.engine.dist import Dist
 from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
-from polar_train.engine.schedule import ScheduleSettings, lr_at
+from polar_train.engine.schedule import lr_at
 from polar_train.errors import TrainingError, UserError
 from polar_train.model import hf
 from polar_train.model.build import ModelSource, export_dtype
@@ -101,7 +101,7 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
     def failed(error: BaseException) -> TrainingError:
         if dist.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        keep = f"{previous} is intact and train.resume=auto continues from it" if previous else "no earlier checkpoint exists"
+        keep = f"{previous} is intact and checkpoint.resume=auto continues from it" if previous else "no earlier checkpoint exists"
         what = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         return TrainingError(final, f"checkpoint could not be written: {what}",
                              f"free disk space or fix permissions under {root}; {keep}")
@@ -137,7 +137,7 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
             os.replace(tmp, final)
             _fsync_dir(root)
             _write_durably(final / COMPLETE, json.dumps({"step": state.step}) + "\n")
-            _prune(root, cfg.train.save_total_limit)
+            _prune(root, cfg.checkpoint.save_total_limit)
         except OSError as e:
             error = e
     if dist.any_rank(error is not None):
@@ -190,7 +190,7 @@ def _write_run_files(folder: Path, out: Path, state: TrainerState, cfg: Config, 
         "adam_step": engine.adam_step,
         "loss_scale": engine.loss_scale,
         **launch_of(engine),  # engine, world_size, zero_stage, precision, offload_optimizer, offload_params
-        "export_dtype": export_dtype(cfg.train.export_dtype, source.config),
+        "export_dtype": export_dtype(cfg.checkpoint.export_dtype, source.config),
         "base_model": source.path or None,
         "lora": lora_settings(cfg.model.lora),  # None: a full fine-tune (export.py merges a LoRA one)
         "state_files": state_files,
@@ -271,23 +271,24 @@ def resolve_checkpoint(path: str | Path, where: str) -> Path:
     if (path / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise UserError(where, f"{path / CHECKPOINTS} holds no complete checkpoint", "the run saved none yet (train.save_steps)")
+            raise UserError(where, f"{path / CHECKPOINTS} holds no complete checkpoint", "the run saved none yet (checkpoint.save_steps)")
         return latest
     raise UserError(where, f"{path} is not a checkpoint", expected)
 
 
 def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint ``train.resume`` asks for (``auto`` = the latest complete one, or none),
+    """The checkpoint ``checkpoint.resume`` asks for (``auto`` = the latest complete one, or none),
     checked file by file (``check_checkpoint``) before any heavy work. Rank 0 decides."""
     out = Path(cfg.output_dir)
-    if cfg.train.resume == "never":
+    resume = cfg.checkpoint.resume
+    if resume == "never":
         earlier = latest_checkpoint(out)
         if earlier is not None:  # a fresh run among them would be pruned first and mixed up on resume
-            raise UserError("train.resume", f"is never, but {out / CHECKPOINTS} holds an earlier run's checkpoints "
-                            f"(latest {earlier.name})", "continue it with train.resume=auto, delete that folder, "
+            raise UserError("checkpoint.resume", f"is never, but {out / CHECKPOINTS} holds an earlier run's checkpoints "
+                            f"(latest {earlier.name})", "continue it with checkpoint.resume=auto, delete that folder, "
                             "or choose another output_dir")
         return None
-    ckpt = latest_checkpoint(out) if cfg.train.resume == "auto" else resolve_checkpoint(cfg.train.resume, "train.resume")
+    ckpt = latest_checkpoint(out) if resume == "auto" else resolve_checkpoint(resume, "checkpoint.resume")
     if ckpt is not None:
         check_resume_lora(check_checkpoint(ckpt).get("lora"), cfg.model.lora, ckpt)
     return ckpt
@@ -409,8 +410,8 @@ def fresh_state(dist: Dist, out: Path, total_steps: int) -> TrainerState:
     return TrainerState(total_steps=total_steps)
 
 
-def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_steps: int,
-                    schedule: ScheduleSettings) -> TrainerState:
+def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_steps: int, peak_lr: float,
+                    schedule: ScheduleSection) -> TrainerState:
     """Restore the engine by parameter name (any launch: see the module docstring), this rank's
     RNG and (rank 0) metrics.jsonl; returns the loop's state, running to ``total_steps``.
 
@@ -418,7 +419,7 @@ def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_ste
     one warning naming old -> new total and the LR at the resume step before -> after: the
     schedule is a function of (step, total), so from here on it follows the new total's curve.
     Later checkpoints of ``out`` (a resume from an earlier step) are removed: training from here
-    rewrites those steps, and ``train.resume=auto`` must not pick the abandoned ones.
+    rewrites those steps, and ``checkpoint.resume=auto`` must not pick the abandoned ones.
     """
     meta = check_checkpoint(ckpt)
     saved = {key: meta[key] for key in launch_of(engine)}
@@ -435,7 +436,8 @@ def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_ste
     if old_total != total_steps and dist.rank == 0:
         log.warning("resuming %s with another length: %d -> %d steps (train.max_steps / train.epochs changed); "
                     "the LR schedule now follows the %d-step curve: LR at step %d %.4g -> %.4g", ckpt, old_total,
-                    total_steps, total_steps, step, lr_at(step, old_total, schedule), lr_at(step, total_steps, schedule))
+                    total_steps, total_steps, step, lr_at(step, old_total, peak_lr, schedule),
+                    lr_at(step, total_steps, peak_lr, schedule))
     if dist.rank == 0:
         for later, path in complete_checkpoints(out):
             if later > step and path.resolve() != ckpt.resolve():

@@ -176,19 +176,6 @@ class TrainSection:
             found.append("max_steps: both train.max_steps and train.epochs are 0 (set one of them)")
         return found
 
-    # Old attribute paths (cfg.train.lr, cfg.train.loss, ...) for code not yet moved to the new
-    # sections: read and written through to the new place. To be removed once every caller moved.
-    def __getattr__(self, name: str) -> Any:
-        section, key = _moved_attribute(self, name)
-        return getattr(section, key)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if f"train.{name}" in ALIASES:
-            section, name = _moved_attribute(self, name)
-            setattr(section, name, value)
-        else:
-            object.__setattr__(self, name, value)
-
 
 @dataclass
 class DeepSpeedSection:
@@ -220,9 +207,6 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self.train, "_root", self)  # for TrainSection's old attribute paths
-
 
 # Old dotted key -> its place now. Each still works in YAML and overrides (one log line names the
 # new key) and in a run folder's saved config.yaml.
@@ -242,15 +226,6 @@ ALIASES: dict[str, str] = {
     "train.export_dtype": "checkpoint.export_dtype",
     "train.export_adapter": "checkpoint.export_adapter",
 }
-
-
-def _moved_attribute(train: TrainSection, name: str) -> tuple[Any, str]:
-    new = ALIASES.get(f"train.{name}")
-    root = train.__dict__.get("_root")
-    if new is None or root is None:
-        raise AttributeError(f"{type(train).__name__!r} object has no attribute {name!r}")
-    section, key = new.split(".")
-    return getattr(root, section), key
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -80,7 +80,7 @@ def save_adapter(trained: Mapping[str, torch.Tensor], lora: LoraSection, out_dir
 def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB") -> Path:
     """Write the HF folder of a checkpoint (``step-N`` or a run's output_dir = its latest).
 
-    ``dtype`` ``auto`` = the run's ``train.export_dtype``, so the result equals the run's own export.
+    ``dtype`` ``auto`` = the run's ``checkpoint.export_dtype``, so the result equals the run's own export.
     Every file is checked (readable, complete, no pickle) before anything is written. A LoRA
     checkpoint is merged into its base (``model.path`` of the run, or the fresh init of its seed).
     """

@@ -4,7 +4,7 @@ JSONL -> POLAR token ids (data.py) -> step plan and this rank's packed micro-bat
 (packing.py) -> reward model (model/) -> Bradley-Terry loss (loss.py) -> engine step at the
 LR ``lr_at(step, total_steps)`` (engine/: one process, or DeepSpeed ZeRO under torchrun);
 evaluation at the start, every ``train.eval_steps`` and at the end; checkpoints every
-``train.save_steps`` and on SIGTERM / SIGINT (checkpoint.py); the HF export under
+``checkpoint.save_steps`` and on SIGTERM / SIGINT (checkpoint.py); the HF export under
 ``output_dir/hf`` (export.py).
 
 The same code runs on every rank: all ranks compute the same step plan, each packs and runs
@@ -77,7 +77,7 @@ def run(cfg: Config) -> dict[str, float]:
         # a LoRA checkpoint holds the trainable parameters only: the frozen base comes from the source
         engine = build_engine(cfg, dist, source, load_weights=resume_from is None or cfg.model.lora.enabled)
         if resume_from:
-            state = load_checkpoint(engine, dist, resume_from, out, total_steps, cfg.train)
+            state = load_checkpoint(engine, dist, resume_from, out, total_steps, cfg.optimizer.lr, cfg.schedule)
         else:
             state = fresh_state(dist, out, total_steps)
         writer = MetricsWriter(out, enabled=dist.rank == 0, resumed_at=state.step)
@@ -134,7 +134,7 @@ def run(cfg: Config) -> dict[str, float]:
                 engine.backward(losses.sum() / step_pairs, last=i == len(micro_batches) - 1)
                 loss_sum += losses.detach().sum()
                 stats += pair_stats(chosen, rejected, mb.pair_weight)
-            lr = lr_at(step, total_steps, cfg.train)  # a function of the step: nothing to save or restore
+            lr = lr_at(step, total_steps, cfg.optimizer.lr, cfg.schedule)  # a function of the step: nothing to save or restore
             engine.set_lr(lr)
             result = engine.step()
             extra = torch.tensor([num_tokens, float(stop.requested is not None)], device=dist.device)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from polar_train.checkpoint import COMPLETE, STATE_FILE, CheckpointState, ShardWriter
 from polar_train.cli import main as cli_main
+from polar_train.config import ScheduleSection
 from polar_train.engine.schedule import lr_at
 from polar_train.errors import UserError
 
@@ -29,10 +30,13 @@ from test_resume import in_process_config, make_run_folder, metric_rows, one_thr
 
 
 @dataclass
-class Schedule:
+class Schedule:  # optimizer.lr with the schedule section's fields
     lr: float
     warmup_ratio: float
     min_lr_ratio: float
+
+    def at(self, step: int, total: int) -> float:
+        return lr_at(step, total, self.lr, ScheduleSection(warmup_ratio=self.warmup_ratio, min_lr_ratio=self.min_lr_ratio))
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
                                    3.887395330218429e-06, 1.8825509907063328e-06, 4.951556604879049e-07, 0.0]),
 ])
 def test_lr_at_gives_the_values_of_the_earlier_lambda_schedule(schedule: Schedule, total: int, expected: list) -> None:
-    assert [lr_at(step, total, schedule) for step in range(total + 1)] == expected
+    assert [schedule.at(step, total) for step in range(total + 1)] == expected
 
 
 def test_resume_with_another_max_steps_warns_and_follows_the_new_schedule(saved: Path) -> None:
@@ -96,14 +100,15 @@ def test_resume_with_another_max_steps_warns_and_follows_the_new_schedule(saved:
     assert train_cli(saved, "output_dir=longer", "train.max_steps=8", "train.save_steps=2", f"train.resume={step2}") == 0
 
     train = [r for r in metric_rows(out) if r["split"] == "train"]
-    schedule = in_process_config(saved, "longer").train
+    cfg = in_process_config(saved, "longer")
+    schedule = Schedule(cfg.optimizer.lr, cfg.schedule.warmup_ratio, cfg.schedule.min_lr_ratio)
     assert [r["step"] for r in train] == list(range(1, 9))
-    assert [r["lr"] for r in train] == [lr_at(s - 1, 4 if s <= 2 else 8, schedule) for s in range(1, 9)]
-    assert train[2]["lr"] != lr_at(2, 4, schedule)  # the change is real, not a no-op
+    assert [r["lr"] for r in train] == [schedule.at(s - 1, 4 if s <= 2 else 8) for s in range(1, 9)]
+    assert train[2]["lr"] != schedule.at(2, 4)  # the change is real, not a no-op
     warnings = [line for line in (out / "train.log").read_text().splitlines() if "another length" in line]
     assert len(warnings) == 1, warnings
     assert (f"4 -> 8 steps (train.max_steps / train.epochs changed); the LR schedule now follows the 8-step curve: "
-            f"LR at step 2 {lr_at(2, 4, schedule):.4g} -> {lr_at(2, 8, schedule):.4g}") in warnings[0]
+            f"LR at step 2 {schedule.at(2, 4):.4g} -> {schedule.at(2, 8):.4g}") in warnings[0]
     assert json.loads((out / "checkpoints" / "step-8" / STATE_FILE).read_text())["total_steps"] == 8
 
 

@@ -24,7 +24,6 @@ from polar_train.evaluate import pair_rewards
 from polar_train.export import convert
 from polar_train.model import load_model
 from polar_train.model.build import ModelSource
-from polar_train.model.hf import expected_shapes
 from polar_train.model.lora import LoraLinear, MergedWeights, add_adapters
 from polar_train.tokenizer import load_tokenizer
 from polar_train.store import load_pairs

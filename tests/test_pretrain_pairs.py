@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from polar_train.cli import main
-from polar_train.data import load_pair_dataset
 from polar_train.pretrain_pairs import build_pretrain_pairs, plan_group
+from polar_train.store import load_pair_store
 
 GOOD = {"prompt": "What is 7 + 5?", "policy": "a", "output": "12"}
 PAIR_KEYS = ["prompt", "reference", "chosen", "rejected", "wrapper", "reference_policy", "rejected_policy"]
@@ -366,7 +366,7 @@ def test_the_trainer_reads_and_trains_on_the_output(tmp_path, capsys, repo_root,
     out = tmp_path / "pairs.jsonl"
     stats = build_pretrain_pairs([write_lines(tmp_path / "s.jsonl", samples)], out, negatives=2)
     assert {r["wrapper"] for r in read_rows(out)} == {"sft", "pretrain"}
-    dataset, data_stats = load_pair_dataset([out], tiny_tokenizer, str(tiny_tokenizer_path), max_length=256)
+    _, data_stats = load_pair_store([str(out)], tiny_tokenizer, str(tiny_tokenizer_path), max_length=256)
     assert (data_stats.num_rows, data_stats.num_pairs, data_stats.num_skipped) == (stats.num_rows, stats.num_rows, 0)
     code = main(["train", str(repo_root / "configs/demo.yaml"), f"output_dir={tmp_path / 'run'}",
                  f"model.fresh.tokenizer={tiny_tokenizer_path}", f"data.train_files={out}", "data.eval_files=[]",

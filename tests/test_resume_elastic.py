@@ -10,6 +10,7 @@ uninterrupted one-process run ends, up to the float summation order of 2 ranks v
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ with distributed(configs[0].deepspeed) as dist:
         source = ModelSource.from_config(cfg.model, cfg.seed)
         engine = build_engine(cfg, dist, source, load_weights=False)
         Path(out).mkdir(exist_ok=True)
-        state = load_checkpoint(engine, dist, Path(ckpt), Path(out), 6, cfg.train)
+        state = load_checkpoint(engine, dist, Path(ckpt), Path(out), 6, cfg.optimizer.lr, cfg.schedule)
         save_checkpoint(engine, dist, Path(out), state, cfg, source)
 """
 

@@ -35,5 +35,5 @@ def build_engine(cfg: Config, dist: Dist, source: ModelSource, *, load_weights: 
         dtype = DTYPES[precision] if cfg.model.lora.enabled else torch.float32
         model = source.build(cfg.model, dist.device, dtype, DTYPES[precision], load_weights=load_weights,
                              trainable_dtype=torch.float32)
-        return TorchEngine(model, cfg.train, dist.device, precision)
+        return TorchEngine(model, cfg.optimizer, dist.device, precision)
     return DeepSpeedEngine(cfg, dist, source, precision, load_weights=load_weights)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from polar_train.config import Config, DeepSpeedSection, TrainSection
+from polar_train.config import Config, DeepSpeedSection, OptimizerSection
 import polar_train.engine.deepspeed_compat as compat
 from polar_train.adapters import is_lora_param
 from polar_train.engine.optim import adam_state, adam_step, adamw_settings, build_optimizer, set_lr
@@ -59,7 +59,7 @@ def init_distributed(backend: str, timeout: timedelta) -> None:
     import_deepspeed().init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
-def deepspeed_config(train: TrainSection, ds: DeepSpeedSection, world_size: int, precision: str) -> dict:
+def deepspeed_config(settings: OptimizerSection, ds: DeepSpeedSection, world_size: int, precision: str) -> dict:
     """The DeepSpeed config dict. The loop packs its own micro-batches, so DeepSpeed's batch sizes
     are placeholders (1 per rank, no accumulation); boundaries are set per micro-batch."""
     zero: dict = {"stage": ds.zero_stage}
@@ -71,7 +71,7 @@ def deepspeed_config(train: TrainSection, ds: DeepSpeedSection, world_size: int,
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size,
-        "gradient_clipping": train.grad_clip,
+        "gradient_clipping": settings.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW
         "bf16": {"enabled": precision == "bf16"},
@@ -104,7 +104,7 @@ class DeepSpeedEngine:
         self.offload_optimizer, self.offload_params = ds.offload_optimizer, ds.offload_params
         self.dist = dist
         dtype = DTYPES[precision]  # DeepSpeed keeps the parameters in it (fp32 masters in the optimizer)
-        ds_config = deepspeed_config(cfg.train, ds, dist.world_size, precision)
+        ds_config = deepspeed_config(cfg.optimizer, ds, dist.world_size, precision)
         if ds.zero_stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = source.build(cfg.model, dist.device, dtype, dtype, partitioned=True)
@@ -121,9 +121,9 @@ class DeepSpeedEngine:
         if ds.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiles once)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adamw_settings(cfg.train))
+            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adamw_settings(cfg.optimizer))
         else:
-            self.optimizer = build_optimizer(trainable, cfg.train)
+            self.optimizer = build_optimizer(trainable, cfg.optimizer)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.scale_loss_here = compat.fp16_zero0_scales_loss(self.engine, precision)
         self.undo_phantom_step()

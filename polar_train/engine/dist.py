@@ -113,7 +113,7 @@ def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
         torch.distributed.destroy_process_group()
         if isinstance(e, torch.distributed.DistBackendError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
             raise TrainingError(f"rank {rank}", f"lost contact with another rank ({str(e).splitlines()[0]})",
-                                "another process died or hung: see its error; resume with train.resume=auto") from e
+                                "another process died or hung: see its error; resume with checkpoint.resume=auto") from e
         raise
     except BaseException:
         torch.distributed.destroy_process_group()

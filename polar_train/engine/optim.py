@@ -7,19 +7,19 @@ from typing import Any
 
 import torch
 
-from polar_train.config import TrainSection
+from polar_train.config import OptimizerSection
 from polar_train.engine.protocol import ADAM_MOMENTS
 
 
-def adamw_settings(train: TrainSection) -> dict[str, Any]:
+def adamw_settings(settings: OptimizerSection) -> dict[str, Any]:
     """The recipe's AdamW: lr, betas, weight decay, eps (DeepSpeedCPUAdam takes the same)."""
-    return dict(lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay, eps=1e-8)
+    return dict(lr=settings.lr, betas=tuple(settings.betas), weight_decay=settings.weight_decay, eps=1e-8)
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], train: TrainSection) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], settings: OptimizerSection) -> torch.optim.Optimizer:
     """AdamW with the recipe's betas. ``foreach=False``: one fixed arithmetic order, so exact resume
     and cross-engine comparisons hold (ZeRO flattens parameters: no speed lost there)."""
-    return torch.optim.AdamW(params, foreach=False, **adamw_settings(train))
+    return torch.optim.AdamW(params, foreach=False, **adamw_settings(settings))
 
 
 def adam_state(optimizer: torch.optim.Optimizer, master: torch.Tensor, step: int) -> dict:

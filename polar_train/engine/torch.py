@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from polar_train.config import TrainSection
+from polar_train.config import OptimizerSection
 from polar_train.engine.optim import adam_state, adam_step, build_optimizer, set_lr
 from polar_train.engine.protocol import ADAM_MOMENTS, NamedState, StepResult
 
@@ -25,14 +25,14 @@ class TorchEngine:
     world_size = 1
     offload_optimizer = offload_params = False
 
-    def __init__(self, model: torch.nn.Module, train: TrainSection, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, settings: OptimizerSection, device: torch.device, precision: str = "fp32"):
         self.model = model.to(device)
         self.attention: str = model.attention
         self.device = device
         self.precision = precision
-        self.grad_clip = train.grad_clip
+        self.grad_clip = settings.grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, train)
+        self.optimizer = build_optimizer(self.params, settings)
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def autocast(self) -> AbstractContextManager[Any]:

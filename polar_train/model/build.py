@@ -130,7 +130,7 @@ class ModelSource:
 
 
 def export_dtype(setting: str, config: ModelConfig) -> str:
-    """``train.export_dtype`` resolved: ``auto`` = the base checkpoint's dtype (float32 if fresh)."""
+    """``checkpoint.export_dtype`` resolved: ``auto`` = the base checkpoint's dtype (float32 if fresh)."""
     if setting != "auto":
         return setting
     base = config.raw.get("torch_dtype") or config.raw.get("dtype")
