@@ -73,7 +73,7 @@ class PairRecord:
     source: str  # FILE:LINE
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, for error messages."""
     if value is None:
         return "null"
@@ -94,27 +94,34 @@ def flatten_text(value: Any, field_name: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise ValueError(f"field '{field_name}' is of type {_json_type(value)}; expected a string or a list of messages")
+        raise ValueError(f"field '{field_name}' is of type {json_type(value)}; expected a string or a list of messages")
     contents = []
     for index, message in enumerate(value, start=1):
         if not isinstance(message, dict):
-            raise ValueError(f"field '{field_name}': message {index} is of type {_json_type(message)}; expected an object with a 'content' string")
+            raise ValueError(f"field '{field_name}': message {index} is of type {json_type(message)}; expected an object with a 'content' string")
         if "content" not in message:
             raise ValueError(f"field '{field_name}': message {index} has no 'content'; expected an object with a 'content' string")
         if not isinstance(message["content"], str):
-            raise ValueError(f"field '{field_name}': message {index} has 'content' of type {_json_type(message['content'])}; expected a string")
+            raise ValueError(f"field '{field_name}': message {index} has 'content' of type {json_type(message['content'])}; expected a string")
         contents.append(message["content"])
     return "\n".join(contents)
 
 
-def _parse_row(line: str, text_fields: Sequence[str], source: str) -> JsonRow:
-    """Validate one non-blank line; ``ValueError`` says what is wrong."""
+def parse_json_object(line: str, fields: Sequence[str]) -> dict[str, Any]:
+    """One non-blank JSONL line -> its object; ``ValueError`` names what is wrong (``fields``: what
+    the object should hold, for the message)."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON: {error.msg} at column {error.colno}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"the line is a JSON {_json_type(obj)}; expected an object with fields {', '.join(text_fields)}")
+        raise ValueError(f"the line is a JSON {json_type(obj)}; expected an object with fields {', '.join(fields)}")
+    return obj
+
+
+def _parse_row(line: str, text_fields: Sequence[str], source: str) -> JsonRow:
+    """Validate one non-blank line; ``ValueError`` says what is wrong."""
+    obj = parse_json_object(line, text_fields)
     texts = {}
     for name in text_fields:
         if name not in obj:
@@ -124,7 +131,7 @@ def _parse_row(line: str, text_fields: Sequence[str], source: str) -> JsonRow:
     if wrapper is None:  # absent or null: the default
         wrapper = "sft"
     elif not isinstance(wrapper, str):
-        raise ValueError(f"field 'wrapper' is of type {_json_type(wrapper)}; expected one of {', '.join(WRAPPERS)}")
+        raise ValueError(f"field 'wrapper' is of type {json_type(wrapper)}; expected one of {', '.join(WRAPPERS)}")
     elif wrapper not in WRAPPERS:
         raise ValueError(f"field 'wrapper' is '{wrapper}'; expected one of {', '.join(WRAPPERS)}")
     return JsonRow(source=source, texts=texts, wrapper=wrapper, raw=obj)
@@ -170,17 +177,22 @@ def iter_jsonl_rows(
                 yield row
 
 
-def _parse_line(raw_line: bytes, number: int, text_fields: Sequence[str], source: str) -> JsonRow | None:
-    """One line's bytes -> a ``JsonRow``, or None for a blank line; ``ValueError`` says what is wrong."""
+def decode_line(raw_line: bytes, number: int) -> str | None:
+    """One JSONL line's bytes -> its text, or None for a blank line (line ``number`` counts from 1:
+    the first may start with a UTF-8 byte-order mark); ``ValueError`` for bytes that are not UTF-8."""
     try:
         line = raw_line.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"the line is not valid UTF-8 (byte 0x{raw_line[error.start]:02x} at byte {error.start + 1})") from None
     if number == 1:
-        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
-    if not line.strip():
-        return None
-    return _parse_row(line, text_fields, source)
+        line = line.removeprefix("\ufeff")
+    return line if line.strip() else None
+
+
+def _parse_line(raw_line: bytes, number: int, text_fields: Sequence[str], source: str) -> JsonRow | None:
+    """One line's bytes -> a ``JsonRow``, or None for a blank line; ``ValueError`` says what is wrong."""
+    line = decode_line(raw_line, number)
+    return None if line is None else _parse_row(line, text_fields, source)
 
 
 def read_jsonl_rows(

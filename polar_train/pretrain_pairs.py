@@ -53,7 +53,7 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
-from polar_train.data import WRAPPERS, _json_type, flatten_text
+from polar_train.data import WRAPPERS, decode_line, flatten_text, json_type, parse_json_object
 from polar_train.errors import UserError
 from polar_train.files import write_atomically
 
@@ -115,19 +115,14 @@ class PretrainPairStats:
 
 def parse_sample(line: str, source: str) -> Sample:
     """Validate one non-blank line; ``ValueError`` says what is wrong (the caller adds FILE:LINE)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"invalid JSON: {error.msg} at column {error.colno}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"the line is a JSON {_json_type(obj)}; expected an object with fields {', '.join(SAMPLE_FIELDS)}")
+    obj = parse_json_object(line, SAMPLE_FIELDS)
     for name in SAMPLE_FIELDS:
         if name not in obj:
             expected = "a non-empty string" if name == "policy" else "a non-empty string or list of messages"
             raise ValueError(f"field '{name}' is missing; expected {expected}")
     policy = obj["policy"]
     if not isinstance(policy, str):
-        raise ValueError(f"field 'policy' is of type {_json_type(policy)}; expected a non-empty string naming the model that wrote the output")
+        raise ValueError(f"field 'policy' is of type {json_type(policy)}; expected a non-empty string naming the model that wrote the output")
     if not policy.strip():
         raise ValueError("field 'policy' is empty; expected the name of the model that wrote the output")
     texts = {}
@@ -146,7 +141,7 @@ def parse_sample(line: str, source: str) -> Sample:
     if wrapper is None:  # absent or null: the default, as for pair rows
         wrapper = "sft"
     elif not isinstance(wrapper, str):
-        raise ValueError(f"field 'wrapper' is of type {_json_type(wrapper)}; expected one of {', '.join(WRAPPERS)}")
+        raise ValueError(f"field 'wrapper' is of type {json_type(wrapper)}; expected one of {', '.join(WRAPPERS)}")
     elif wrapper not in WRAPPERS:
         raise ValueError(f"field 'wrapper' is '{wrapper}'; expected one of {', '.join(WRAPPERS)}")
     return Sample(prompt=texts["prompt"], wrapper=wrapper, policy=policy, output=texts["output"], source=source)
@@ -165,13 +160,8 @@ def read_samples(path: str, progress: tqdm | None = None) -> Iterator[Sample]:
                 progress.update(len(raw_line))
             source = f"{path}:{number}"
             try:
-                try:
-                    line = raw_line.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    raise ValueError(f"the line is not valid UTF-8 (byte 0x{raw_line[error.start]:02x} at byte {error.start + 1})") from None
-                if number == 1:
-                    line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
-                if not line.strip():
+                line = decode_line(raw_line, number)
+                if line is None:
                     continue
                 sample = parse_sample(line, source)
             except ValueError as error:
