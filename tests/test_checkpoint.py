@@ -211,7 +211,7 @@ def test_a_damaged_checkpoint_stops_convert_and_resume_with_one_line(saved: Path
     expected = (f"polar-train: error: {path}: {what.format(size=size)}")
     fix = f"it was damaged or is still being copied; use another step: {out / 'checkpoints' / 'step-2'})"
     for command in (["convert", str(out), str(saved / "converted")],
-                    ["train", "cfg.yaml", "data.eval_files=[]", f"output_dir={out}"]):  # train.resume=auto
+                    ["train", "cfg.yaml", "data.eval_files=[]", f"output_dir={out}"]):  # checkpoint.resume=auto
         assert cli_main(command) == 2
         err = one_line_error(capsys)
         assert err.startswith(expected) and err.endswith(fix), err

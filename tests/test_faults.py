@@ -104,7 +104,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypat
     err = capsys.readouterr().err
     out = run_folder / "full_disk"
     assert "polar-train: error: full_disk/checkpoints/step-4: checkpoint could not be written: No space left on device" in err
-    assert "step-2 is intact and train.resume=auto continues from it" in err
+    assert "step-2 is intact and checkpoint.resume=auto continues from it" in err
     assert "Traceback" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # no partial folder left
     assert (out / "checkpoints" / "step-2" / COMPLETE).exists()

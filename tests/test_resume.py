@@ -210,7 +210,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches(run_folder: Path) -> Non
     killed_at = max(r["step"] for r in metric_rows(run_folder / "killed"))
     assert 4 <= killed_at < 12
 
-    train(run_folder, "output_dir=killed", *steps)  # train.resume=auto (the default)
+    train(run_folder, "output_dir=killed", *steps)  # checkpoint.resume=auto (the default)
     resumed = run_folder / "killed"
     assert metric_rows(resumed) == metric_rows(run_folder / "ref12")
     torch.testing.assert_close(torch.tensor(train_losses(resumed)), torch.tensor(train_losses(run_folder / "ref12")),

@@ -133,7 +133,7 @@ def test_two_rank_zero2_run_continues_on_one_process_in_the_same_output_dir(runs
     shutil.copytree(runs / "zero2", out)  # the 2-rank run, as if stopped right after its step-3 checkpoint
     shutil.rmtree(out / "checkpoints" / "step-6")
     shutil.rmtree(out / "hf")
-    train(runs, "output_dir=zero2_then_one", *STEPS)  # deepspeed.enabled=false; train.resume=auto (the default)
+    train(runs, "output_dir=zero2_then_one", *STEPS)  # deepspeed.enabled=false; checkpoint.resume=auto (the default)
     zero2 = runs / "zero2"
     assert [(r["step"], r["split"]) for r in metric_rows(out)] == [(r["step"], r["split"]) for r in metric_rows(zero2)]
     torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(zero2)), rtol=1e-4, atol=0)
