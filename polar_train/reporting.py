@@ -11,6 +11,20 @@ from typing import Any
 LOGGER_NAME = "polar_train"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not the stream of the moment
+    the handler was made: a caller that swaps stderr (pytest's capture, a tool embedding the CLI)
+    and closes the old one must not turn later log lines into "--- Logging error ---" tracebacks."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(log_file: Path | None = None, rank: int = 0, level: int = logging.INFO) -> logging.Logger:
     """Console (rank 0 only) and an optional log file; safe to call twice."""
     log = logging.getLogger(LOGGER_NAME)
@@ -21,7 +35,7 @@ def setup_logging(log_file: Path | None = None, rank: int = 0, level: int = logg
         h.close()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if rank == 0:
-        console = logging.StreamHandler(sys.stderr)
+        console = _StderrHandler()
         console.setFormatter(fmt)
         log.addHandler(console)
         if log_file is not None:
