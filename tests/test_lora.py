@@ -268,7 +268,7 @@ def test_lora_on_the_demo_learns(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_equal_weights(run_folder: Path) -> None:
+def test_sigkill_or_sigterm_then_resume_gives_bitwise_equal_weights(run_folder: Path) -> None:
     steps = ["train.max_steps=12", "train.save_steps=2", "model.lora.rank=4", "model.lora.dropout=0.1"]
     train(run_folder, "output_dir=lora_ref12", *steps)
     proc = start_training(run_folder, "output_dir=lora_killed", *steps)
@@ -284,6 +284,20 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_equal_weights(run_
     train(run_folder, "output_dir=lora_killed", *steps)  # checkpoint.resume=auto
     assert metric_rows(run_folder / "lora_killed") == metric_rows(run_folder / "lora_ref12")
     assert_same_weights(run_folder / "lora_killed" / "hf", run_folder / "lora_ref12" / "hf")  # bitwise
+
+    # SIGTERM: the step finishes, a checkpoint is saved, the process exits 0; the resume is exact too
+    proc = start_training(run_folder, "output_dir=lora_stopped", *steps)
+    try:
+        wait_for(lambda: (run_folder / "lora_stopped" / "checkpoints" / "step-2" / COMPLETE).exists(), timeout=120, proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run_folder / "lora_stopped" / "hf").exists()
+    train(run_folder, "output_dir=lora_stopped", *steps)
+    assert metric_rows(run_folder / "lora_stopped") == metric_rows(run_folder / "lora_ref12")
+    assert_same_weights(run_folder / "lora_stopped" / "hf", run_folder / "lora_ref12" / "hf")
 
 
 @pytest.mark.slow
