@@ -27,7 +27,7 @@ both AdamW moments and the AdamW step exactly. The LR is a function of (step, to
 (engine/schedule.py): nothing of it is saved but ``total_steps``. The data position is the step
 alone: the pairs of a step are a function of (seed, epoch, step), whatever the number of ranks.
 RNG states are per rank: rank r restores the state rank r saved, ranks the saved run did not have
-are seeded from (step, rank); nothing in training draws random numbers after the model's init.
+are seeded from (step, rank) (only LoRA dropout draws random numbers after the model's init).
 
 Saving writes ``.tmp-step-N``, fsyncs it, renames it ``step-N``, then writes ``COMPLETE``: a crash
 at any point leaves the previous checkpoint the latest.
@@ -56,6 +56,7 @@ from polar_train.engine.dist import Dist
 from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
 from polar_train.engine.schedule import lr_at
 from polar_train.errors import TrainingError, UserError
+from polar_train.files import fsync_dir, fsync_tree, write_text
 from polar_train.model import hf
 from polar_train.model.build import ModelSource, export_dtype
 from polar_train.rng import rng_state, seed_rng, set_rng_state
@@ -125,7 +126,7 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
             _write_run_files(tmp, out, state, cfg, source, engine, shards.close())
         dist.barrier()
         if dist.local_rank == 0:  # the page cache is per machine: one rank per machine flushes it
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
     except OSError as e:
         error = e
     if dist.any_rank(error is not None):
@@ -135,8 +136,8 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
             if final.exists():  # an incomplete leftover of an interrupted run
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
-            _write_durably(final / COMPLETE, json.dumps({"step": state.step}) + "\n")
+            fsync_dir(root)
+            write_text(final / COMPLETE, json.dumps({"step": state.step}) + "\n")  # atomic, fsynced
             _prune(root, cfg.checkpoint.save_total_limit)
         except OSError as e:
             error = e
@@ -204,31 +205,6 @@ def _write_run_files(folder: Path, out: Path, state: TrainerState, cfg: Config, 
         shutil.copy2(f, files / f.name)
     if (out / METRICS_FILE).is_file():
         shutil.copy2(out / METRICS_FILE, folder / METRICS_FILE)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
-        _fsync_dir(path)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(path.parent)
 
 
 def _prune(root: Path, keep: int) -> None:
