@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
+from polar_train.errors import UserError
 from polar_train.files import write_atomically, write_text
+from polar_train.model.card import REWARD_STATS
 from polar_train.packing import Group, best_fit_decreasing, group_cost, layout_groups
 
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -234,6 +236,40 @@ def list_loss(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> floa
     losses = [plackett_luce(torch.tensor([[r[k] for k in g.order]]), torch.ones(1, len(g.order), dtype=torch.bool))
               for r, g in zip(rewards, rows)]
     return torch.cat(losses).mean().item() if losses else float("nan")
+
+
+def reward_stats(rewards: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Mean and std (ddof 0) of every eval sequence's reward, each candidate once (not once per
+    pair it is in): what ``polar-train score --normalize`` divides by (``reward_stats.json``)."""
+    x = _as_float64([v for row in rewards for v in row])
+    return {"mean": x.mean().item() if x.numel() else None, "std": x.std(correction=0).item() if x.numel() else None,
+            "candidates": x.numel()}
+
+
+def read_reward_stats(model_dir: str | os.PathLike[str]) -> tuple[float, float]:
+    """``(mean, std)`` from the model folder's ``reward_stats.json`` (written by the export)."""
+    path = Path(model_dir) / REWARD_STATS
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except FileNotFoundError:
+        raise UserError(path, "is missing: --normalize needs the reward statistics of the model's training eval",
+                        "train with data.eval_files to get them, or drop --normalize") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(path, f"cannot be read ({error})", "export the model again, or drop --normalize") from None
+    if not std > 0:
+        raise UserError(path, f"std is {std}", "drop --normalize: the eval rewards did not vary")
+    return mean, std
+
+
+def normalize_rewards(row: dict[str, Any], mean: float, std: float) -> dict[str, Any]:
+    """``(reward - mean) / std`` in every reward field of a scored row (null stays null)."""
+    for name in ("reward", "chosen_reward", "rejected_reward"):
+        if row.get(name) is not None:
+            row[name] = (row[name] - mean) / std
+    if row.get("rewards") is not None:
+        row["rewards"] = [(r - mean) / std for r in row["rewards"]]
+    return row
 
 
 def list_report(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Pairs -> optimizer steps -> per-rank micro-batches: flat, padding-free, shared prefix once.
 
-Legend: T = tokens in a micro-batch, S = attention sequences (2 per pair), P = pairs,
-K = gathered key slots (see ``polar_train.model.varlen``).
+Legend: T = tokens in a micro-batch, S = attention sequences (one per candidate), P = implied
+pairs, G = rows (pairs and lists), K = gathered key slots (see ``polar_train.model.varlen``).
 
 Two pairs packed into one micro-batch, pair 0 with a shared prefix, pair 1 without one
 (``cost`` = tokens the pair occupies)::
@@ -15,6 +15,11 @@ Two pairs packed into one micro-batch, pair 0 with a shared prefix, pair 1 witho
 The rejected suffix is a sequence whose queries are its own tokens and whose keys are the
 prefix followed by itself, causal bottom-right, positions continuing after the prefix: it is
 the same function as running the rejected candidate alone (SPEC section 6).
+
+A ranked list (``Group``: K sequences and the pairs they imply, SPEC 10) is the same layout with
+K suffixes: ``[p a' | b' | c' | d']``, one reward per sequence (``seq_index`` [S]), and each
+implied pair reads two of them (``better``, ``worse`` [P]); a pair row is the K=2 case. A row is
+never split across micro-batches.
 
 Pairs are read by index: the planner sees one cost per pair (a numpy array, ``PairLengths``),
 and ``pack_step`` asks a ``PairReader`` (the memory-mapped store, ``polar_train.store``) for the
@@ -205,8 +210,8 @@ class MicroBatch:
     better: torch.Tensor  # [P] int64 index into the [S] rewards of each implied pair's better candidate
     worse: torch.Tensor  # [P] int64
     pair_weight: torch.Tensor  # [P] float32, 1 = real pair, 0 = filler
-    order_index: torch.Tensor  # [G, K] int64 index into the [S] rewards, each row's list best first (padded)
-    order_mask: torch.Tensor  # [G, K] bool, True where order_index is a candidate
+    order_index: torch.Tensor  # [G, L] int64 index into the [S] rewards, each row's list best first (L = longest, padded)
+    order_mask: torch.Tensor  # [G, L] bool, True where order_index is a candidate
     list_weight: torch.Tensor  # [G] float32, 1 = real row, 0 = filler
     pair_ids: list[int] = field(default_factory=list)  # dataset index per row (group), FILLER for fillers
 

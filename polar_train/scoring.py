@@ -48,7 +48,8 @@ from transformers import PreTrainedTokenizerBase
 
 from polar_train.data import WRAPPERS, EncodedCandidates, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
 from polar_train.errors import UserError
-from polar_train.evaluate import InferenceStats, autocast_to, group_rewards, pair_report, write_report
+from polar_train.evaluate import (InferenceStats, autocast_to, group_rewards, normalize_rewards, pair_report,
+                                  read_reward_stats, write_report)
 from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
 from polar_train.reporting import setup_logging
@@ -302,11 +303,15 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str])
 
 
 def score_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, data: str | os.PathLike[str],
-               output: str | os.PathLike[str], *, progress: bool = True, **options: Any) -> ScoreStats:
-    """Score the rows of ``data`` into ``output`` (see ``score_rows`` for ``options``); logs the counts."""
+               output: str | os.PathLike[str], *, progress: bool = True, normalize: tuple[float, float] | None = None,
+               **options: Any) -> ScoreStats:
+    """Score the rows of ``data`` into ``output`` (see ``score_rows`` for ``options``); logs the counts.
+    ``normalize``: ``(mean, std)`` to write ``(reward - mean) / std`` (``read_reward_stats``)."""
     items = read_rows(data)
     stats = ScoreStats()
     scored = score_rows(model, tokenizer, items, progress=progress, stats=stats, **options)
+    if normalize is not None:
+        scored = [normalize_rewards(row, *normalize) for row in scored]
     write_jsonl(scored, output)
     logger.info("score: %s", stats.summary())
     logger.info("score: wrote %s", output)
@@ -410,8 +415,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     """``polar-train score --model DIR --data IN.jsonl --output OUT.jsonl``."""
     setup_logging()
     options = _options(args)
+    normalize = read_reward_stats(args.model) if args.normalize else None  # before loading any weight
     model, tokenizer = scorer_from_args(args)
-    score_file(model, tokenizer, args.data, args.output, **options)
+    score_file(model, tokenizer, args.data, args.output, normalize=normalize, **options)
     return 0
 
 

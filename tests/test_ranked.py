@@ -270,3 +270,16 @@ def test_score_gives_a_list_rows_rewards_equal_to_each_candidate_scored_alone(tm
         assert list(scored)[:4] == ["prompt", "reference", "id", "candidates"] and len(scored["rewards"]) == 4
         assert scored["rewards"] == pytest.approx(alone, abs=1e-5)
         assert scored["prompt_truncated"] == (max_length == 40)
+
+
+def test_normalize_applies_the_exports_reward_stats_and_names_a_missing_file(tmp_path: Path) -> None:
+    from polar_train.evaluate import normalize_rewards, read_reward_stats, reward_stats
+
+    stats = reward_stats([[1.0, 3.0], [2.0, 6.0, 3.0]])  # each candidate once
+    assert stats == {"mean": 3.0, "std": pytest.approx(math.sqrt(2.8)), "candidates": 5}
+    (tmp_path / "reward_stats.json").write_text(json.dumps(stats))
+    mean, std = read_reward_stats(tmp_path)
+    row = normalize_rewards({"rewards": [3.0, 6.0], "reward": None, "chosen_reward": 1.0}, mean, std)
+    assert row == {"rewards": [0.0, pytest.approx(3 / std)], "reward": None, "chosen_reward": pytest.approx(-2 / std)}
+    with pytest.raises(UserError, match="reward_stats.json: is missing: --normalize needs"):
+        read_reward_stats(tmp_path / "nowhere")
