@@ -324,19 +324,31 @@ def compare_lists(args: argparse.Namespace) -> None:
         plan["pairs"].append(best_fit_decreasing(expanded, [pair_costs[p] for p in expanded], args.max_tokens))
     rows = {"lists": lists, "pairs": pairs}
 
-    model = build_model(args.shape, len(tokenizer), reward_id, resolve_attention(args.attention, device), device, dtype)
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # one model per mode from the same initial weights; the modes alternate step by step, so a busy
+    # machine slows both alike (the first step of each round warms up and is not counted)
+    models = {}
+    for mode in rows:
+        models[mode] = build_model(args.shape, len(tokenizer), reward_id, resolve_attention(args.attention, device), device, dtype)
+    initial = {k: v.detach().clone() for k, v in models["lists"].state_dict().items()}
     results = {m: {"seconds": float("inf")} for m in rows}
     for _ in range(args.rounds):
+        seconds, tokens = dict.fromkeys(rows, 0.0), dict.fromkeys(rows, 0)
+        opts = {}
+        for mode, model in models.items():
+            model.load_state_dict(initial)
+            opts[mode] = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=device.type == "cuda")
+        for k in range(n_steps):
+            for mode in rows:
+                sec, tok = train_steps(models[mode], opts[mode], plan[mode][k:k + 1], rows[mode], step_pairs[k:k + 1],
+                                       device, sync)
+                if k:
+                    seconds[mode] += sec
+                    tokens[mode] += tok
         for mode in rows:
-            model.load_state_dict(initial)  # the same weights for every mode and round
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=device.type == "cuda")
-            train_steps(model, opt, plan[mode][:1], rows[mode], step_pairs[:1], device, sync)  # warm-up
-            sec, tokens = train_steps(model, opt, plan[mode][1:], rows[mode], step_pairs[1:], device, sync)
-            if sec < results[mode]["seconds"]:
+            if seconds[mode] < results[mode]["seconds"]:
                 n = sum(step_pairs[1:])
-                results[mode] = {"seconds": sec, "implied_pairs": n, "pairs_per_s": n / sec, "tokens_computed": tokens,
-                                 "micro_batches": sum(len(s) for s in plan[mode][1:])}
+                results[mode] = {"seconds": seconds[mode], "implied_pairs": n, "pairs_per_s": n / seconds[mode],
+                                 "tokens_computed": tokens[mode], "micro_batches": sum(len(s) for s in plan[mode][1:])}
     print(f"device {device} | shape {args.shape} | {len(lists)} lists, {len(pairs)} implied pairs | "
           f"{n_steps - 1} steps x {args.pairs_per_step} lists | budget {args.max_tokens}")
     print(f"{'mode':6} {'implied pairs/s':>16} {'tokens computed':>16} {'micro-batches':>14}")
