@@ -33,10 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
-    p = sub.add_parser("score", help="add rewards to JSONL rows (client rows or pair rows)")
+    p = sub.add_parser("score", help="add rewards to JSONL rows (client, pair or candidates-list rows)")
     p.add_argument("--model", required=True, help="HF folder of a POLAR reward model")
     p.add_argument("--data", required=True, help="input JSONL: prompt/reference/output rows or pair rows")
     p.add_argument("--output", required=True, help="output JSONL (input fields kept, rewards added)")
+    p.add_argument("--normalize", action="store_true",
+                   help="write (reward - mean) / std with the model's reward_stats.json (its training eval)")
     add_inference_args(p)
 
     p = sub.add_parser("eval", help="accuracy, margins and reward statistics on preference pairs")

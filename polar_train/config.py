@@ -133,14 +133,15 @@ class ScheduleSection:
 
 @dataclass
 class LossSection:
-    """The pair loss (loss.pair_losses, SPEC 5)."""
+    """The loss (loss.pair_losses over every implied pair, or loss.plackett_luce over each list; SPEC 5, 10)."""
 
-    kind: Literal["ranking", "focal"] = "ranking"  # ranking = Bradley-Terry -log sigmoid(r_c - r_r)
+    kind: Literal["ranking", "focal", "listwise"] = "ranking"  # ranking = Bradley-Terry -log sigmoid(r_c - r_r); listwise = Plackett-Luce per list
     penalty: Literal["none", "log_barrier", "L2"] = "none"  # a penalty on the rewards' size
     penalty_weight: float = 0.01  # weight of the penalty when enabled (x reward units)
 
     def problems(self) -> list[str]:
-        return _non_negative(self, "penalty_weight")
+        listwise = ["penalty: applies to the pair losses, not to loss.kind=listwise (set loss.penalty=none)"]
+        return _non_negative(self, "penalty_weight") + (listwise if self.kind == "listwise" and self.penalty != "none" else [])
 
 
 @dataclass

@@ -18,24 +18,22 @@ The sequence POLAR scores, for prompt ``p``, reference ``ref`` and one candidate
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from polar_train.errors import UserError
-from polar_train.tokenizer import TOKENIZER_FILE_PATTERNS
 
 OnError = Literal["raise", "skip"]
+RowCheck = Callable[[dict[str, Any]], Any]  # validates a parsed row, raises ValueError
 WRAPPERS = ("sft", "pretrain")
 PAIR_FIELDS = ("prompt", "reference", "chosen", "rejected")
 # Bump when the encoding or the cached columns change: old caches then stop matching.
-ENCODING_VERSION = 3  # 3: Arrow shards with the length columns (polar_train.store); 2: every skipped row listed
+ENCODING_VERSION = 4  # 4: ranked lists (a row = sequences + implied pairs); 3: Arrow shards with the length columns (polar_train.store); 2: every skipped row listed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +117,9 @@ def parse_json_object(line: str, fields: Sequence[str]) -> dict[str, Any]:
     return obj
 
 
-def _parse_row(line: str, text_fields: Sequence[str], source: str) -> JsonRow:
-    """Validate one non-blank line; ``ValueError`` says what is wrong."""
+def _parse_row(line: str, text_fields: Sequence[str], source: str, check: RowCheck | None = None) -> JsonRow:
+    """Validate one non-blank line; ``ValueError`` says what is wrong. ``check(obj)`` validates the
+    rest of the row (``polar_train.ranked``: the list fields) and raises ``ValueError`` too."""
     obj = parse_json_object(line, text_fields)
     texts = {}
     for name in text_fields:
@@ -134,12 +133,14 @@ def _parse_row(line: str, text_fields: Sequence[str], source: str) -> JsonRow:
         raise ValueError(f"field 'wrapper' is of type {json_type(wrapper)}; expected one of {', '.join(WRAPPERS)}")
     elif wrapper not in WRAPPERS:
         raise ValueError(f"field 'wrapper' is '{wrapper}'; expected one of {', '.join(WRAPPERS)}")
+    if check is not None:
+        check(obj)
     return JsonRow(source=source, texts=texts, wrapper=wrapper, raw=obj)
 
 
 def iter_jsonl_rows(
     path: str | os.PathLike[str], text_fields: Sequence[str], *, on_error: OnError = "raise",
-    lines: tuple[int, int] | None = None,
+    lines: tuple[int, int] | None = None, check: RowCheck | None = None,
 ) -> Iterator[JsonRow | SkippedRow]:
     """Stream a JSONL file one line at a time: each valid row as a ``JsonRow``, each bad one as a
     ``SkippedRow`` (``on_error="skip"``) or a ``UserError("FILE:LINE", ...)`` (``"raise"``).
@@ -167,7 +168,7 @@ def iter_jsonl_rows(
                 break
             source = f"{name}:{number}"
             try:
-                row = _parse_line(raw_line.removesuffix(b"\n"), number, text_fields, source)
+                row = _parse_line(raw_line.removesuffix(b"\n"), number, text_fields, source, check)
             except ValueError as error:
                 if on_error == "raise":
                     raise UserError(source, str(error), "fix or remove this line, or set data.on_error=skip") from None
@@ -189,10 +190,11 @@ def decode_line(raw_line: bytes, number: int) -> str | None:
     return line if line.strip() else None
 
 
-def _parse_line(raw_line: bytes, number: int, text_fields: Sequence[str], source: str) -> JsonRow | None:
+def _parse_line(raw_line: bytes, number: int, text_fields: Sequence[str], source: str,
+                check: RowCheck | None = None) -> JsonRow | None:
     """One line's bytes -> a ``JsonRow``, or None for a blank line; ``ValueError`` says what is wrong."""
     line = decode_line(raw_line, number)
-    return None if line is None else _parse_row(line, text_fields, source)
+    return None if line is None else _parse_row(line, text_fields, source, check)
 
 
 def read_jsonl_rows(
@@ -309,15 +311,22 @@ def encode_candidates(
     if prompt_truncated:
         prompt_ids = prompt_ids[-prompt_budget:]
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    prompt_text = decode(prompt_ids)
-    ref_cat = _join(prompt_text, decode(ref_ids), wrapper)
-    sep = tokenizer.convert_ids_to_tokens(sep_id)
-    texts = [ref_cat + sep + _join(prompt_text, decode(ids), wrapper) for ids in out_ids]
+    texts = [polar_text(tokenizer, prompt_ids, ref_ids, ids, wrapper, sep_id) for ids in out_ids]
     input_ids = [tokenizer.encode(text, add_special_tokens=True) + [reward_id] for text in texts]
     return EncodedCandidates(input_ids, texts, prompt_truncated, response_truncated)
+
+
+def polar_text(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], ref_ids: Sequence[int],
+               out_ids: Sequence[int], wrapper: str, sep_id: int) -> str:
+    """SPEC 3 steps 5-7 on already truncated field ids: ``ref_cat + "<|reward|>" + out_cat``
+    (encode it with BOS and append the reward id)."""
+
+    def decode(ids: Sequence[int]) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    prompt_text = decode(prompt_ids)
+    sep = tokenizer.convert_ids_to_tokens(sep_id)
+    return _join(prompt_text, decode(ref_ids), wrapper) + sep + _join(prompt_text, decode(out_ids), wrapper)
 
 
 def encode_pair(
@@ -347,9 +356,9 @@ class DataStats:
     """What happened to the rows of a set of files, for the log and the run summary."""
 
     num_rows: int = 0  # non-blank lines read (valid + skipped)
-    num_pairs: int = 0  # pairs kept
-    num_tokens: int = 0  # chosen + rejected tokens of the kept pairs
-    num_too_long: int = 0  # pairs dropped: prompt budget P <= 0
+    num_pairs: int = 0  # rows kept: pair rows and lists (polar_train.ranked)
+    num_tokens: int = 0  # tokens of every sequence of the kept rows (a pair: chosen + rejected)
+    num_too_long: int = 0  # rows dropped: prompt budget P <= 0 for every implied pair
     too_long_sources: list[str] = field(default_factory=list)  # the first few FILE:LINE
     num_prompt_truncated: int = 0  # kept pairs whose prompt lost its first tokens
     num_response_truncated: int = 0  # kept pairs whose reference or an output was cut
@@ -358,12 +367,38 @@ class DataStats:
     tokenize_seconds: float = 0.0  # wall time of the tokenization that built the set (all ranks)
     tokens_per_s: float = 0.0  # num_tokens / tokenize_seconds
     cache_hit: bool = False  # read from the tokenization cache
+    num_lists: int = 0  # kept rows that are ranked lists (not a chosen/rejected pair)
+    num_implied_pairs: int = 0  # pairs all kept rows imply (a pair row: 1; K ranked: K(K-1)/2)
+    num_pairs_too_long: int = 0  # implied pairs of kept lists dropped: their budget P <= 0
+    num_identical_pairs: int = 0  # implied pairs whose chosen and rejected encode to the same ids (teach nothing)
+    tokens_as_lists: int = 0  # tokens the kept rows cost with the shared prefix (a list: prefix + K suffixes)
+    tokens_as_pairs: int = 0  # tokens they would cost expanded into pair rows, each with its shared prefix
+
+    LIST_COUNTS: ClassVar[tuple[str, ...]] = ("num_lists", "num_implied_pairs", "num_pairs_too_long", "num_identical_pairs",
+                                              "tokens_as_lists", "tokens_as_pairs")
+
+    def count_row(self, is_list: bool, encoded: Any) -> None:
+        """Add one kept row (a ``ranked.EncodedPreference``) to the counts."""
+        from polar_train.packing import group_cost, pair_cost  # here only: packing pulls in torch
+
+        seqs = encoded.seqs
+        self.num_prompt_truncated += encoded.prompt_truncated
+        self.num_response_truncated += encoded.response_truncated
+        self.num_tokens += sum(len(s) for s in seqs)
+        self.num_lists += is_list
+        self.num_implied_pairs += len(encoded.better)
+        self.num_pairs_too_long += encoded.num_pairs_too_long
+        self.num_identical_pairs += sum(seqs[b] == seqs[w] for b, w in zip(encoded.better, encoded.worse))
+        self.tokens_as_lists += group_cost(seqs, True)
+        self.tokens_as_pairs += sum(pair_cost(seqs[b], seqs[w], True) for b, w in zip(encoded.better, encoded.worse))
 
     NUM_EXAMPLES: ClassVar[int] = 5  # how many FILE:LINE examples the log and reports show per category
 
     def summary(self) -> str:
         """One log line (the first few too-long and skipped rows only)."""
-        line = (f"{self.num_pairs} pairs ({self.num_tokens} tokens) from {self.num_rows} rows; "
+        lists = (f" ({self.num_lists} ranked lists, {self.num_implied_pairs} implied pairs, {self.tokens_as_lists} tokens "
+                 f"vs {self.tokens_as_pairs} as pair rows)" if self.num_lists else "")
+        line = (f"{self.num_pairs} pairs{lists} ({self.num_tokens} tokens) from {self.num_rows} rows; "
                 f"{self.num_too_long} too long, {self.num_skipped} bad rows skipped; truncated: "
                 f"{self.num_prompt_truncated} prompts, {self.num_response_truncated} responses")
         if self.too_long_sources:
@@ -382,39 +417,3 @@ class DataStats:
     def from_dict(cls, obj: dict[str, Any]) -> DataStats:
         obj = dict(obj, skipped=[SkippedRow(**s) for s in obj.get("skipped", [])])
         return cls(**obj)
-
-
-def _hash_tokenizer_files(digest: Any, tokenizer_path: str) -> None:
-    folder = Path(tokenizer_path)
-    if not folder.is_dir():
-        digest.update(f"tokenizer:{tokenizer_path}".encode())
-        return
-    # the tokenizer files decide the ids (a checkpoint folder also holds GBs of weights: not hashed)
-    files = sorted({p for pattern in TOKENIZER_FILE_PATTERNS for p in folder.glob(pattern) if p.is_file()})
-    for path in files:
-        digest.update(f"tokenizer-file:{path.name}:".encode())
-        digest.update(path.read_bytes())
-
-
-def dataset_cache_key(files: Sequence[str], tokenizer_path: str, *, max_length: int, max_response_length: int, on_error: str) -> str:
-    """sha256 of everything that decides the tokenized dataset (file paths and bytes, tokenizer files, lengths)."""
-    import tokenizers
-    import transformers
-
-    digest = hashlib.sha256()
-    digest.update(json.dumps({
-        "version": ENCODING_VERSION, "max_length": max_length, "max_response_length": max_response_length,
-        "on_error": on_error, "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
-    }, sort_keys=True).encode())
-    for name in files:
-        digest.update(f"file:{name}:".encode())
-        file_digest = hashlib.sha256()
-        try:
-            with open(name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    file_digest.update(chunk)
-            digest.update(file_digest.digest())
-        except OSError:
-            digest.update(b"<unreadable>")  # reading the file reports it properly
-    _hash_tokenizer_files(digest, tokenizer_path)
-    return digest.hexdigest()

@@ -1,7 +1,9 @@
 """``polar-train data CONFIG``: what the configured data costs before any training starts.
 
-Per split: pairs, tokens, dropped and truncated counts, length percentiles, micro-batches per
-epoch, fill ratio (real tokens / budget) and the tokens the shared prefix saves.
+Per split: rows (pairs and ranked lists), implied pairs, tokens, dropped and truncated counts,
+pairs that teach nothing (chosen and rejected encode to the same ids), length percentiles,
+micro-batches per epoch, fill ratio (real tokens / budget), the tokens the shared prefix saves
+and the tokens lists save against their expansion into pair rows (each with its shared prefix).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Any
 
 from polar_train.config import Config
 import numpy as np
+import pyarrow.compute as pc
 
 from polar_train.model.internlm2 import ModelConfig
-from polar_train.packing import PairLengths, StepPlanner
+from polar_train.packing import GroupLengths, StepPlanner
 from polar_train.reporting import setup_logging
 from polar_train.rundir import preflight
 from polar_train.store import load_pair_store
@@ -33,7 +36,7 @@ def percentiles(values: np.ndarray | list[int], qs=(50, 90, 99, 100)) -> dict[st
 
 
 def packing_stats(
-    lengths: PairLengths, *, max_tokens: int, pairs_per_step: int, shared_prefix: bool,
+    lengths: GroupLengths, *, max_tokens: int, pairs_per_step: int, shared_prefix: bool,
     share_max_len: int | None, seed: int, num_ranks: int = 1,
 ) -> dict[str, Any]:
     """Micro-batches and fill ratio of one epoch as training would pack it."""
@@ -76,7 +79,8 @@ def data_report(cfg: Config) -> dict[str, Any]:
             on_error=cfg.data.on_error, num_proc=cfg.data.num_proc,
         )
         lengths = store.lengths()
-        sequence_lengths = np.concatenate([lengths.chosen, lengths.rejected])
+        # every sequence's length, from the list offsets alone
+        sequence_lengths = pc.list_value_length(pc.list_flatten(store.table.column("seqs"))).to_numpy()
         log.info("%s data: %s tokens/s tokenizing (%s)", split, f"{stats.tokens_per_s:.0f}",
                  "cache hit: the figure of the run that built the cache" if stats.cache_hit else f"{cfg.data.num_proc} process(es)")
         report[split] = {
@@ -84,6 +88,7 @@ def data_report(cfg: Config) -> dict[str, Any]:
             **stats.as_dict(),
             "tokens": int(sequence_lengths.sum(dtype=np.int64)),
             "sequence_length": percentiles(sequence_lengths),
+            "tokens_saved_by_lists": stats.tokens_as_pairs - stats.tokens_as_lists,
             **packing_stats(
                 lengths, max_tokens=cfg.data.max_tokens, pairs_per_step=cfg.train.pairs_per_step,
                 shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len, seed=cfg.seed,

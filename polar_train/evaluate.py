@@ -38,8 +38,10 @@ from typing import Any
 
 import torch
 
+from polar_train.errors import UserError
 from polar_train.files import write_atomically, write_text
-from polar_train.packing import best_fit_decreasing, group_cost, layout_groups
+from polar_train.model.card import REWARD_STATS
+from polar_train.packing import Group, best_fit_decreasing, group_cost, layout_groups
 
 PERCENTILES = (5, 25, 50, 75, 95)
 REPORT_FILE = "report.json"
@@ -220,6 +222,76 @@ def pair_rewards(
                             on_forward=advance)
     both = torch.tensor(rewards, dtype=torch.float32).reshape(len(pairs), 2)  # [N, 2]
     return both[:, 0].clone(), both[:, 1].clone()
+
+
+def implied_pairs(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards of every implied pair of every row, row by row: ([P], [P]) fp32 (better, worse).
+
+    ``rewards[g][k]`` is the reward of ``rows[g].seqs[k]`` (``group_rewards`` of the rows' seqs)."""
+    chosen = [r[b] for r, g in zip(rewards, rows) for b in g.better]
+    rejected = [r[w] for r, g in zip(rewards, rows) for w in g.worse]
+    return torch.tensor(chosen, dtype=torch.float32), torch.tensor(rejected, dtype=torch.float32)
+
+
+def list_loss(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> float:
+    """Mean Plackett-Luce loss (``loss.kind=listwise``) over the rows."""
+    from polar_train.loss import plackett_luce
+
+    losses = [plackett_luce(torch.tensor([[r[k] for k in g.order]]), torch.ones(1, len(g.order), dtype=torch.bool))
+              for r, g in zip(rewards, rows)]
+    return torch.cat(losses).mean().item() if losses else float("nan")
+
+
+def reward_stats(rewards: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Mean and std (ddof 0) of every eval sequence's reward, each candidate once (not once per
+    pair it is in): what ``polar-train score --normalize`` divides by (``reward_stats.json``)."""
+    x = _as_float64([v for row in rewards for v in row])
+    return {"mean": x.mean().item() if x.numel() else None, "std": x.std(correction=0).item() if x.numel() else None,
+            "candidates": x.numel()}
+
+
+def read_reward_stats(model_dir: str | os.PathLike[str]) -> tuple[float, float]:
+    """``(mean, std)`` from the model folder's ``reward_stats.json`` (written by the export)."""
+    path = Path(model_dir) / REWARD_STATS
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+        mean, std = float(stats["mean"]), float(stats["std"])
+    except FileNotFoundError:
+        raise UserError(path, "is missing: --normalize needs the reward statistics of the model's training eval",
+                        "train with data.eval_files to get them, or drop --normalize") from None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(path, f"cannot be read ({error})", "export the model again, or drop --normalize") from None
+    if not std > 0:
+        raise UserError(path, f"std is {std}", "drop --normalize: the eval rewards did not vary")
+    return mean, std
+
+
+def normalize_rewards(row: dict[str, Any], mean: float, std: float) -> dict[str, Any]:
+    """``(reward - mean) / std`` in every reward field of a scored row (null stays null)."""
+    for name in ("reward", "chosen_reward", "rejected_reward"):
+        if row.get(name) is not None:
+            row[name] = (row[name] - mean) / std
+    if row.get("rewards") is not None:
+        row["rewards"] = [(r - mean) / std for r in row["rewards"]]
+    return row
+
+
+def list_report(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> dict[str, Any]:
+    """List figures, when some row ranks more than 2 candidates (a pair row counts as a list of 2):
+
+    ``lists``; ``top1_accuracy``: the best-ranked candidate gets the highest reward (strictly);
+    ``kendall_tau``: per list ``(concordant - discordant) / implied pairs`` (tau-a over the pairs
+    the list implies; a reward tie counts as neither), averaged over the lists.
+    """
+    if not any(len(g.order) > 2 for g in rows):
+        return {}
+    top1, taus = [], []
+    for r, g in zip(rewards, rows):
+        best = r[g.order[0]]
+        top1.append(all(best > r[k] for k in g.order[1:]))
+        signs = [(r[b] > r[w]) - (r[b] < r[w]) for b, w in zip(g.better, g.worse)]
+        taus.append(sum(signs) / len(signs))
+    return {"lists": len(rows), "top1_accuracy": sum(top1) / len(rows), "kendall_tau": sum(taus) / len(rows)}
 
 
 # ---------------------------------------------------------------------------------------------

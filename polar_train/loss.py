@@ -1,8 +1,10 @@
-"""Bradley-Terry objective, its focal variant, reward penalties and pair metrics (SPEC section 5).
+"""Bradley-Terry objective, its focal variant, reward penalties, Plackett-Luce over ranked lists
+and pair metrics (SPEC sections 5 and 10).
 
-All functions return *sums* over pairs, never means: a step's loss is the mean over every pair
-of the global batch (all ranks, all micro-batches), and micro-batches hold different numbers
-of pairs, so the caller divides the summed loss by the step's pair count once.
+The loss functions return per-pair (per-list) losses and the caller sums them, never means: a
+step's loss is the mean over every implied pair (``listwise``: every list) of the global batch
+(all ranks, all micro-batches), and micro-batches hold different numbers of them, so the caller
+divides the summed loss by the step's count once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ def pair_losses(
     if loss == "focal":
         p = 2.0 * torch.relu(torch.sigmoid(margin) - 0.5)
         out = (1.0 - p) ** 2 * out
-    elif loss != "ranking":
+    elif loss not in ("ranking", "listwise"):  # listwise on a pair is the ranking loss
         raise ValueError(f"unknown loss {loss!r}")
     if penalty != "none":
         both = torch.stack([chosen.float(), rejected.float()])  # [2, P]
@@ -45,6 +47,22 @@ def pair_losses(
             raise ValueError(f"unknown penalty {penalty!r}")
         out = out + penalty_weight * pen.sum(0)
     return out
+
+
+def plackett_luce(
+    rewards: torch.Tensor,  # [G, K] rewards of each list's candidates, best first (padding anywhere masked)
+    mask: torch.Tensor,  # [G, K] bool, True for real candidates (a prefix of each row)
+) -> torch.Tensor:  # [G] per-list loss
+    """Plackett-Luce negative log-likelihood of each ranking, divided by K - 1 (SPEC 10):
+    ``-sum_{i<K} [r_i - log sum_{j>=i} exp(r_j)] / (K - 1)`` (Plackett 1975; Luce 1959).
+
+    For K = 2 it is ``-logsigmoid(r_1 - r_2)``, the pair ranking loss.
+    """
+    r = rewards.float().masked_fill(~mask, -1e9)  # exp(-1e9 - max) == 0: padding joins no denominator
+    tail = torch.logcumsumexp(r.flip(-1), dim=-1).flip(-1)  # [G, K] log sum_{j>=i} exp(r_j)
+    k = mask.sum(-1)  # [G]
+    terms = torch.where(mask, tail - r, torch.zeros_like(r))  # the last candidate's term is 0
+    return terms.sum(-1) / (k - 1).clamp(min=1)
 
 
 def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Pairs -> optimizer steps -> per-rank micro-batches: flat, padding-free, shared prefix once.
 
-Legend: T = tokens in a micro-batch, S = attention sequences (2 per pair), P = pairs,
-K = gathered key slots (see ``polar_train.model.varlen``).
+Legend: T = tokens in a micro-batch, S = attention sequences (one per candidate), P = implied
+pairs, G = rows (pairs and lists), K = gathered key slots (see ``polar_train.model.varlen``).
 
 Two pairs packed into one micro-batch, pair 0 with a shared prefix, pair 1 without one
 (``cost`` = tokens the pair occupies)::
@@ -15,6 +15,11 @@ Two pairs packed into one micro-batch, pair 0 with a shared prefix, pair 1 witho
 The rejected suffix is a sequence whose queries are its own tokens and whose keys are the
 prefix followed by itself, causal bottom-right, positions continuing after the prefix: it is
 the same function as running the rejected candidate alone (SPEC section 6).
+
+A ranked list (``Group``: K sequences and the pairs they imply, SPEC 10) is the same layout with
+K suffixes: ``[p a' | b' | c' | d']``, one reward per sequence (``seq_index`` [S]), and each
+implied pair reads two of them (``better``, ``worse`` [P]); a pair row is the K=2 case. A row is
+never split across micro-batches.
 
 Pairs are read by index: the planner sees one cost per pair (a numpy array, ``PairLengths``),
 and ``pack_step`` asks a ``PairReader`` (the memory-mapped store, ``polar_train.store``) for the
@@ -84,32 +89,62 @@ def pair_cost(chosen: Sequence[int], rejected: Sequence[int], share: bool, share
 
 
 @dataclass(frozen=True)
-class PairLengths:
-    """Per pair: the chosen and rejected lengths and their ``shared_prefix_length``, [N] int32 each.
+class GroupLengths:
+    """Per row (a pair or a list): its sequences' summed and longest length, their count and
+    their ``shared_prefix_length``, [N] each.
 
-    Enough to compute every pair's cost for either layout at once (``costs``), the same numbers
-    as ``pair_cost`` on the ids: the store keeps these three columns so no rank reads ids to plan.
+    Enough to compute every row's cost for either layout at once (``costs``), the same numbers
+    as ``group_cost`` on the ids: the store keeps these columns so no rank reads ids to plan.
     """
 
-    chosen: np.ndarray  # [N] int32
-    rejected: np.ndarray  # [N] int32
-    prefix: np.ndarray  # [N] int32, shared_prefix_length(chosen_ids, rejected_ids)
+    total: np.ndarray  # [N] int64, summed lengths of the row's sequences
+    longest: np.ndarray  # [N] int32
+    num_seqs: np.ndarray  # [N] int32, 2 for a pair row
+    prefix: np.ndarray  # [N] int32, shared_prefix_length(*seqs)
 
     @classmethod
-    def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> PairLengths:
+    def from_groups(cls, groups: Sequence[Sequence[Sequence[int]]]) -> GroupLengths:
         """From id lists (tests, small sets): the store computes these columns at tokenization."""
-        columns = [[len(c) for c, _ in pairs], [len(r) for _, r in pairs], [shared_prefix_length(c, r) for c, r in pairs]]
-        return cls(*(np.asarray(col, dtype=np.int32) for col in columns))
+        return cls(np.asarray([sum(len(s) for s in g) for g in groups], dtype=np.int64),
+                   np.asarray([max(len(s) for s in g) for g in groups], dtype=np.int32),
+                   np.asarray([len(g) for g in groups], dtype=np.int32),
+                   np.asarray([shared_prefix_length(*g) for g in groups], dtype=np.int32))
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> GroupLengths:
+        return cls.from_groups([(c, r) for c, r in pairs])
 
     def costs(self, share: bool, share_max_len: int | None = None) -> np.ndarray:
-        """[N] int64: ``pair_cost`` of every pair (the prefix counts once where it is shared)."""
-        total = self.chosen.astype(np.int64) + self.rejected
+        """[N] int64: ``group_cost`` of every row (the prefix counts once where it is shared)."""
+        total = self.total.astype(np.int64)
         if not share:
             return total
-        shared = self.prefix.astype(np.int64)
+        shared = self.prefix.astype(np.int64) * (self.num_seqs.astype(np.int64) - 1)
         if share_max_len is not None:  # see prefix_to_share: dynamic RoPE scaling
-            shared = np.where(np.maximum(self.chosen, self.rejected) > share_max_len, 0, shared)
+            shared = np.where(self.longest > share_max_len, 0, shared)
         return total - shared
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row on the packing side: its sequences, the pairs they imply, and its ranking.
+
+    A pair row is ``Group.pair(chosen, rejected)``: two sequences, one pair, order [0, 1].
+    """
+
+    seqs: list[list[int]]  # token ids, each ending with the reward token
+    better: list[int]  # [P] index into seqs of each implied pair's better candidate
+    worse: list[int]  # [P]
+    order: list[int]  # indices into seqs, best first (the Plackett-Luce list)
+
+    @classmethod
+    def pair(cls, chosen: Sequence[int], rejected: Sequence[int]) -> Group:
+        return cls([list(chosen), list(rejected)], [0], [1], [0, 1])
+
+    @classmethod
+    def of(cls, item: Group | tuple[Sequence[int], Sequence[int]]) -> Group:
+        """A ``Group`` as it is, a ``(chosen, rejected)`` tuple as a pair group."""
+        return item if isinstance(item, Group) else cls.pair(*item)
 
 
 @dataclass
@@ -171,48 +206,71 @@ class MicroBatch:
     input_ids: torch.Tensor  # [T] int64
     position_ids: torch.Tensor  # [T] int64
     meta: VarlenMeta
-    chosen_index: torch.Tensor  # [P] int64 flat index of each chosen reward token
-    rejected_index: torch.Tensor  # [P] int64
+    seq_index: torch.Tensor  # [S] int64 flat index of each sequence's reward token (its last)
+    better: torch.Tensor  # [P] int64 index into the [S] rewards of each implied pair's better candidate
+    worse: torch.Tensor  # [P] int64
     pair_weight: torch.Tensor  # [P] float32, 1 = real pair, 0 = filler
-    pair_ids: list[int] = field(default_factory=list)  # dataset index per pair, FILLER for fillers
+    order_index: torch.Tensor  # [G, L] int64 index into the [S] rewards, each row's list best first (L = longest, padded)
+    order_mask: torch.Tensor  # [G, L] bool, True where order_index is a candidate
+    list_weight: torch.Tensor  # [G] float32, 1 = real row, 0 = filler
+    pair_ids: list[int] = field(default_factory=list)  # dataset index per row (group), FILLER for fillers
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
     @property
-    def reward_index(self) -> torch.Tensor:  # [2P]: chosen rewards first, then rejected
+    def chosen_index(self) -> torch.Tensor:  # [P] flat index of each pair's better reward token
+        return self.seq_index[self.better]
+
+    @property
+    def rejected_index(self) -> torch.Tensor:  # [P]
+        return self.seq_index[self.worse]
+
+    @property
+    def reward_index(self) -> torch.Tensor:  # [2P]: chosen rewards first, then rejected (pair by pair)
         return torch.cat([self.chosen_index, self.rejected_index])
 
     def to(self, device: torch.device | str) -> "MicroBatch":
-        return MicroBatch(
-            input_ids=self.input_ids.to(device, non_blocking=True),
-            position_ids=self.position_ids.to(device, non_blocking=True),
-            meta=self.meta.to(device),
-            chosen_index=self.chosen_index.to(device),
-            rejected_index=self.rejected_index.to(device),
-            pair_weight=self.pair_weight.to(device),
-            pair_ids=self.pair_ids,
-        )
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("seq_index", "better", "worse", "pair_weight", "order_index", "order_mask", "list_weight")}
+        return MicroBatch(input_ids=self.input_ids.to(device, non_blocking=True),
+                          position_ids=self.position_ids.to(device, non_blocking=True),
+                          meta=self.meta.to(device), pair_ids=self.pair_ids, **moved)
 
 
 def build_micro_batch(
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    groups: Sequence[Group | tuple[Sequence[int], Sequence[int]]],
     *,
     shared_prefix: bool,
     pair_ids: Sequence[int] | None = None,
     share_max_len: int | None = None,
 ) -> MicroBatch:
-    """Lay out (chosen_ids, rejected_ids) pairs on one flat axis (see the module diagram)."""
-    flat = layout_groups(pairs, shared_prefix=shared_prefix, share_max_len=share_max_len)
-    pair_ids = list(pair_ids) if pair_ids is not None else list(range(len(pairs)))
+    """Lay out rows (``Group``s, or ``(chosen_ids, rejected_ids)`` pairs) on one flat axis (see
+    the module diagram): each row's common prefix once, then each of its K sequences' own tokens."""
+    groups = [Group.of(g) for g in groups]
+    flat = layout_groups([g.seqs for g in groups], shared_prefix=shared_prefix, share_max_len=share_max_len)
+    pair_ids = list(pair_ids) if pair_ids is not None else list(range(len(groups)))
+    first = [0]  # group g's sequences are rewards[first[g]:first[g + 1]]
+    for g in groups:
+        first.append(first[-1] + len(g.seqs))
+    better = [first[k] + b for k, g in enumerate(groups) for b in g.better]
+    worse = [first[k] + w for k, g in enumerate(groups) for w in g.worse]
+    weight = [0.0 if pair_ids[k] == FILLER else 1.0 for k, g in enumerate(groups) for _ in g.better]
+    width = max((len(g.order) for g in groups), default=0)
+    order = [[first[k] + o for o in g.order] + [0] * (width - len(g.order)) for k, g in enumerate(groups)]
+    mask = [[True] * len(g.order) + [False] * (width - len(g.order)) for g in groups]
     return MicroBatch(
         input_ids=flat.input_ids,
         position_ids=flat.position_ids,
         meta=flat.meta,
-        chosen_index=torch.tensor([c for c, _ in flat.last_index], dtype=torch.int64),
-        rejected_index=torch.tensor([r for _, r in flat.last_index], dtype=torch.int64),
-        pair_weight=torch.tensor([0.0 if i == FILLER else 1.0 for i in pair_ids], dtype=torch.float32),
+        seq_index=torch.tensor([i for lasts in flat.last_index for i in lasts], dtype=torch.int64),
+        better=torch.tensor(better, dtype=torch.int64),
+        worse=torch.tensor(worse, dtype=torch.int64),
+        pair_weight=torch.tensor(weight, dtype=torch.float32),
+        order_index=torch.tensor(order, dtype=torch.int64).reshape(len(groups), width),
+        order_mask=torch.tensor(mask, dtype=torch.bool).reshape(len(groups), width),
+        list_weight=torch.tensor([0.0 if i == FILLER else 1.0 for i in pair_ids], dtype=torch.float32),
         pair_ids=pair_ids,
     )
 
@@ -309,32 +367,32 @@ class StepPlanner:
         return per_rank
 
 
-def filler_pair() -> tuple[list[int], list[int]]:
+def filler_pair() -> Group:
     """A two-token pair with weight 0: keeps a rank in lockstep without changing the loss."""
-    return [0, 0], [0, 0]
+    return Group.pair([0, 0], [0, 0])
 
 
 class PairReader(Protocol):
-    """Reads pairs by index: the memory-mapped ``polar_train.store.PairStore``, or a ``PairList``."""
+    """Reads rows by index: the store (``polar_train.store.PairStore``) or ``PairList``."""
 
     def __len__(self) -> int: ...
 
-    def read(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-        """``(chosen_ids, rejected_ids)`` of each pair in ``ids``, in that order."""
+    def read(self, ids: Sequence[int]) -> list[Group]:
+        """The ``Group`` of each row in ``ids``, in that order."""
         ...
 
 
 class PairList:
-    """A ``PairReader`` over pairs already in memory (tests, benchmarks, a scorer's few pairs)."""
+    """A ``PairReader`` over rows already in memory (tests, benchmarks): ``Group``s or ``(chosen, rejected)`` pairs."""
 
-    def __init__(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]):
-        self.pairs = pairs
+    def __init__(self, rows: Sequence[Group | tuple[Sequence[int], Sequence[int]]]):
+        self.rows = [Group.of(r) for r in rows]
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self.rows)
 
-    def read(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
-        return [(list(self.pairs[i][0]), list(self.pairs[i][1])) for i in ids]
+    def read(self, ids: Sequence[int]) -> list[Group]:
+        return [self.rows[i] for i in ids]
 
 
 def pack_step(
@@ -344,7 +402,7 @@ def pack_step(
     shared_prefix: bool,
     share_max_len: int | None = None,
 ) -> list[MicroBatch]:
-    """Build this rank's micro-batches for one step from its plan, reading only its pairs."""
+    """Build this rank's micro-batches for one step from its plan, reading only its rows."""
     out = []
     for bin_ids in plan_for_rank:
         real = [i for i in bin_ids if i != FILLER]

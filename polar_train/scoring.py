@@ -5,7 +5,9 @@ Two row formats, detected per row:
 - client rows (POLAR's client format): ``prompt``, ``reference``, ``output``, optional
   ``wrapper`` -> gets ``reward``;
 - pair rows: ``prompt``, ``reference``, ``chosen``, ``rejected``, optional ``wrapper`` -> gets
-  ``chosen_reward`` and ``rejected_reward``.
+  ``chosen_reward`` and ``rejected_reward``;
+- list rows: ``prompt``, ``reference``, ``candidates`` (a list), optional ``wrapper`` -> gets
+  ``rewards``, one per candidate in order, each candidate encoded alone (its own prompt budget).
 
 Every input field is written back unchanged and in its order; these fields are added after
 them (an input field of the same name is overwritten where it stands):
@@ -44,9 +46,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from polar_train.data import WRAPPERS, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
+from polar_train.data import WRAPPERS, EncodedCandidates, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
 from polar_train.errors import UserError
-from polar_train.evaluate import InferenceStats, autocast_to, group_rewards, pair_report, write_report
+from polar_train.evaluate import (InferenceStats, autocast_to, group_rewards, normalize_rewards, pair_report,
+                                  read_reward_stats, write_report)
 from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
 from polar_train.reporting import setup_logging
@@ -54,9 +57,10 @@ from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 logger = logging.getLogger("polar_train")
 
-RowKind = Literal["client", "pair"]
-OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {"client": ("output",), "pair": ("chosen", "rejected")}
-REWARD_FIELDS: dict[str, tuple[str, ...]] = {"client": ("reward",), "pair": ("chosen_reward", "rejected_reward")}
+RowKind = Literal["client", "pair", "list"]
+OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {"client": ("output",), "pair": ("chosen", "rejected"), "list": ("candidates",)}
+REWARD_FIELDS: dict[str, tuple[str, ...]] = {"client": ("reward",), "pair": ("chosen_reward", "rejected_reward"),
+                                             "list": ("rewards",)}
 SCORED_FILE = "scored.jsonl"  # eval's per-pair rewards, next to report.json
 _NUM_EXAMPLE_SOURCES = 5
 
@@ -80,8 +84,11 @@ class ScoreItem:
 
 
 def row_kind(obj: Mapping[str, Any], source: str) -> RowKind:
-    """``"client"`` for a row with ``output``, ``"pair"`` for one with ``chosen`` and ``rejected``."""
+    """``"client"`` for a row with ``output``, ``"pair"`` for one with ``chosen`` and ``rejected``,
+    ``"list"`` for one with ``candidates``."""
     has_output, has_chosen, has_rejected = "output" in obj, "chosen" in obj, "rejected" in obj
+    if "candidates" in obj and not (has_output or has_chosen or has_rejected):
+        return "list"
     if has_output and (has_chosen or has_rejected):
         raise UserError(source, "the row has 'output' (a client row) and 'chosen'/'rejected' (a pair row)",
                         "keep one format per row")
@@ -117,10 +124,14 @@ def to_item(row: JsonRow | Mapping[str, Any], source: str = "row") -> ScoreItem:
     else:
         raise UserError(source, f"the row is a {type(row).__name__}", "expected a dict with prompt, reference and outputs")
     kind = row_kind(obj, source)
-    return ScoreItem(
-        source=source, kind=kind, prompt=_text(obj, "prompt", source), reference=_text(obj, "reference", source),
-        outputs=tuple(_text(obj, name, source) for name in OUTPUT_FIELDS[kind]), wrapper=wrapper, raw=obj,
-    )
+    if kind == "list":
+        if not isinstance(obj["candidates"], list) or not obj["candidates"]:
+            raise UserError(source, "field 'candidates' is not a non-empty list", "give a list of candidate outputs")
+        outputs = tuple(_text({f"candidates[{k}]": c}, f"candidates[{k}]", source) for k, c in enumerate(obj["candidates"]))
+    else:
+        outputs = tuple(_text(obj, name, source) for name in OUTPUT_FIELDS[kind])
+    return ScoreItem(source=source, kind=kind, prompt=_text(obj, "prompt", source),
+                     reference=_text(obj, "reference", source), outputs=outputs, wrapper=wrapper, raw=obj)
 
 
 def read_rows(path: str | os.PathLike[str], expect: RowKind | None = None) -> list[ScoreItem]:
@@ -220,9 +231,14 @@ def score_rows(
         stats.num_rows += 1
         stats.num_client_rows += item.kind == "client"
         stats.num_pair_rows += item.kind == "pair"
-        encoded = encode_candidates(tokenizer, item.prompt, item.reference, item.outputs, item.wrapper,
-                                    max_length=max_length, max_response_length=max_response_length,
-                                    sep_id=sep_id, reward_id=reward_id)
+        # a pair's two outputs share one prompt budget (as in training); a list's candidates are each scored alone
+        alone = [(out_text,) for out_text in item.outputs] if item.kind == "list" else [item.outputs]
+        parts = [encode_candidates(tokenizer, item.prompt, item.reference, texts, item.wrapper, max_length=max_length,
+                                   max_response_length=max_response_length, sep_id=sep_id, reward_id=reward_id)
+                 for texts in alone]
+        encoded = None if any(p is None for p in parts) else EncodedCandidates(
+            [ids for p in parts for ids in p.input_ids], [t for p in parts for t in p.texts],
+            any(p.prompt_truncated for p in parts), any(p.response_truncated for p in parts))
         row = out[r]
         for name in REWARD_FIELDS[item.kind]:
             row[name] = None
@@ -266,7 +282,10 @@ def score_rows(
         bar.close()
     for g, values in enumerate(rewards):
         for (r, slot), value in zip(members[g], values, strict=True):
-            out[r][REWARD_FIELDS[items[r].kind][slot]] = value
+            if items[r].kind == "list":  # one reward per candidate, in order
+                out[r]["rewards"] = (out[r]["rewards"] or []) + [value]
+            else:
+                out[r][REWARD_FIELDS[items[r].kind][slot]] = value
     stats.seconds += time.perf_counter() - start
     if stats.num_unfit:
         logger.warning("score: %d rows do not fit max_length=%d and got a null reward (first: %s)",
@@ -284,11 +303,15 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike[str])
 
 
 def score_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, data: str | os.PathLike[str],
-               output: str | os.PathLike[str], *, progress: bool = True, **options: Any) -> ScoreStats:
-    """Score the rows of ``data`` into ``output`` (see ``score_rows`` for ``options``); logs the counts."""
+               output: str | os.PathLike[str], *, progress: bool = True, normalize: tuple[float, float] | None = None,
+               **options: Any) -> ScoreStats:
+    """Score the rows of ``data`` into ``output`` (see ``score_rows`` for ``options``); logs the counts.
+    ``normalize``: ``(mean, std)`` to write ``(reward - mean) / std`` (``read_reward_stats``)."""
     items = read_rows(data)
     stats = ScoreStats()
     scored = score_rows(model, tokenizer, items, progress=progress, stats=stats, **options)
+    if normalize is not None:
+        scored = [normalize_rewards(row, *normalize) for row in scored]
     write_jsonl(scored, output)
     logger.info("score: %s", stats.summary())
     logger.info("score: wrote %s", output)
@@ -392,8 +415,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     """``polar-train score --model DIR --data IN.jsonl --output OUT.jsonl``."""
     setup_logging()
     options = _options(args)
+    normalize = read_reward_stats(args.model) if args.normalize else None  # before loading any weight
     model, tokenizer = scorer_from_args(args)
-    score_file(model, tokenizer, args.data, args.output, **options)
+    score_file(model, tokenizer, args.data, args.output, normalize=normalize, **options)
     return 0
 
 

@@ -6,12 +6,13 @@ A cache entry ``cache_dir/<key>/`` (``dataset_cache_key``)::
     shard-00000.arrow ...   Arrow IPC files, uncompressed (memory-mapped as they are)
     stats.json              DataStats of all shards, written before the folder is renamed into place
 
-One row per kept pair, in file order when the shards are read in name order::
+One row per kept data row (a pair, or a ranked list: ``polar_train.ranked``), in file order
+when the shards are read in name order::
 
-    chosen_ids, rejected_ids               list<int32>  the POLAR sequences (SPEC 3), reward token last
-    source                                 string       FILE:LINE
-    chosen_len, rejected_len, prefix_len   int32        ``packing.PairLengths``: each pair's cost for
-                                                        either layout, computed here once
+    seqs, better, worse, order     list<list<int32>>, list<int32> x 3: ``packing.Group`` (SPEC 3, 10)
+    source                         string  FILE:LINE
+    total_len, longest, num_seqs, prefix_len  int64, int32 x 3: ``packing.GroupLengths`` (costs, computed once)
+    num_pairs                      int32   len(better): the loss divides by their sum
 
 Building: the lines of all files are numbered one after the other and cut into ``world_size *
 num_proc`` contiguous ranges; range ``k`` is streamed, validated and tokenized into
@@ -42,19 +43,22 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from polar_train.data import (PAIR_FIELDS, DataStats, OnError, SkippedRow, check_rows_read, dataset_cache_key,
-                               encode_candidates, iter_jsonl_rows)
+from polar_train.cache_key import dataset_cache_key
+from polar_train.data import DataStats, OnError, SkippedRow, check_rows_read, iter_jsonl_rows
 from polar_train.errors import UserError
 from polar_train.files import fsync_tree, temporary_name
-from polar_train.packing import PairLengths, shared_prefix_length
+from polar_train.packing import Group, GroupLengths, shared_prefix_length
+from polar_train.ranked import check_preference, encode_preference, preference_of
 from polar_train.tokenizer import special_token_ids
 
 logger = logging.getLogger("polar_train")
 
 SCHEMA = pa.schema([
-    ("chosen_ids", pa.list_(pa.int32())), ("rejected_ids", pa.list_(pa.int32())), ("source", pa.string()),
-    ("chosen_len", pa.int32()), ("rejected_len", pa.int32()), ("prefix_len", pa.int32()),
+    ("seqs", pa.list_(pa.list_(pa.int32()))), ("better", pa.list_(pa.int32())), ("worse", pa.list_(pa.int32())),
+    ("order", pa.list_(pa.int32())), ("source", pa.string()), ("total_len", pa.int64()), ("longest", pa.int32()),
+    ("num_seqs", pa.int32()), ("prefix_len", pa.int32()), ("num_pairs", pa.int32()),
 ])
+_ID_COLUMNS = ("seqs", "better", "worse", "order")
 _BATCH_ROWS = 1024  # rows a tokenizing process holds before writing them out as one record batch
 
 
@@ -74,17 +78,17 @@ class Ranks(Protocol):
 
 
 class PairStore:
-    """Pairs read by index from memory-mapped Arrow files (a ``packing.PairReader``).
+    """Rows (pairs and lists) read by index from memory-mapped Arrow files (a ``packing.PairReader``).
 
-    ``rows`` selects and orders the table's rows (the pairs that fit a budget); pair ``i`` of the
+    ``rows`` selects and orders the table's rows (those that fit a budget); row ``i`` of the
     store is table row ``rows[i]``.
     """
 
     def __init__(self, table: pa.Table, rows: np.ndarray | None = None):
         self.table = table
         self.rows = np.arange(table.num_rows, dtype=np.int64) if rows is None else rows  # [N] int64
-        chunks = table.column("chosen_ids").chunks
-        self._chunks = [(c, table.column("rejected_ids").chunks[k]) for k, c in enumerate(chunks)]
+        chunks = table.column("seqs").chunks
+        self._chunks = list(zip(*(table.column(name).chunks for name in _ID_COLUMNS)))
         self._starts = np.cumsum([0] + [len(c) for c in chunks])  # [chunks + 1] first table row of each chunk
 
     @classmethod
@@ -101,33 +105,41 @@ class PairStore:
         """The pairs ``rows`` (indices into this store) as a new store over the same files."""
         return PairStore(self.table, self.rows[rows])
 
-    def lengths(self) -> PairLengths:
-        """The cached length columns of these pairs, as numpy (4 bytes per pair each)."""
-        return PairLengths(*(self.table.column(name).to_numpy()[self.rows]
-                             for name in ("chosen_len", "rejected_len", "prefix_len")))
+    def lengths(self) -> GroupLengths:
+        """The cached length columns of these rows, as numpy (20 bytes per row)."""
+        return GroupLengths(*(self.table.column(name).to_numpy()[self.rows]
+                              for name in ("total_len", "longest", "num_seqs", "prefix_len")))
+
+    def num_pairs(self) -> np.ndarray:
+        """[N] int32: the implied pairs of each row (1 for a pair row)."""
+        return self.table.column("num_pairs").to_numpy()[self.rows]
 
     def column(self, name: str) -> list[Any]:
         """A whole column as Python objects (tests and small sets only)."""
         return self.table.column(name).take(pa.array(self.rows)).to_pylist()
 
-    def read(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    def read(self, ids: Sequence[int]) -> list[Group]:
         rows = self.rows[np.asarray(ids, dtype=np.int64)]
         chunk_of = np.searchsorted(self._starts, rows, side="right") - 1
         out = []
         for row, k in zip(rows.tolist(), chunk_of.tolist()):
-            chosen, rejected = self._chunks[k]
             local = row - int(self._starts[k])
-            out.append((chosen[local].as_py(), rejected[local].as_py()))
+            out.append(Group(*(column[local].as_py() for column in self._chunks[k])))
         return out
+
+    def read_pairs(self, ids: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+        """Every implied pair of the rows ``ids`` as ``(chosen_ids, rejected_ids)``, row by row."""
+        return [(g.seqs[b], g.seqs[w]) for g in self.read(ids) for b, w in zip(g.better, g.worse)]
 
 
 @dataclass
 class PairSet:
     """The pairs of one split (for training: those that fit ``data.max_tokens``), and what was left out."""
 
-    pairs: PairStore  # read by index
-    costs: np.ndarray  # [N] int64 tokens per kept pair in the configured layout
-    num_over_budget: int  # pairs costlier than data.max_tokens (training drops them; eval runs them apart)
+    pairs: PairStore  # read by index: one row per pair row or list
+    costs: np.ndarray  # [N] int64 tokens per kept row in the configured layout
+    num_pairs: np.ndarray  # [N] int32 implied pairs per kept row
+    num_over_budget: int  # rows costlier than data.max_tokens (training drops them; eval runs them apart)
     skipped: list[SkippedRow]  # malformed rows left out (data.on_error=skip)
     counts: dict[str, int]  # the eval report's counts (num_dropped: pairs over data.max_length; truncations)
 
@@ -146,8 +158,9 @@ def load_pairs(data: Any, files: Sequence[str], tokenizer: PreTrainedTokenizerBa
     fits = costs <= data.max_tokens
     over = int(len(fits) - fits.sum())
     if over:
-        logger.warning("%s data: %d pairs longer than data.max_tokens=%d %s", split, over, data.max_tokens,
-                       "dropped" if split == "train" else "run chosen and rejected apart")
+        logger.warning("%s data: %d rows (pairs or lists) longer than data.max_tokens=%d %s", split, over, data.max_tokens,
+                       "dropped (a step packs whole rows: raise data.max_tokens to keep them)" if split == "train"
+                       else "run chosen and rejected apart (a list: each candidate)")
     kept = np.flatnonzero(fits) if split == "train" else np.arange(len(fits))
     if not len(kept):
         raise UserError(
@@ -157,7 +170,7 @@ def load_pairs(data: Any, files: Sequence[str], tokenizer: PreTrainedTokenizerBa
     counts = {"num_dropped": stats.num_too_long, "num_prompt_truncated": stats.num_prompt_truncated,
               "num_response_truncated": stats.num_response_truncated}
     selected = store.select(kept) if len(kept) < len(fits) else store
-    return PairSet(selected, costs[kept], over, list(stats.skipped), counts)
+    return PairSet(selected, costs[kept], selected.num_pairs(), over, list(stats.skipped), counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,26 +230,23 @@ def _tokenize_piece(piece: _Piece, files: Sequence[str], folder: str, tokenizer:
 
         try:
             for f, first, end in piece.ranges:
-                for row in iter_jsonl_rows(files[f], PAIR_FIELDS, on_error=settings["on_error"], lines=(first, end)):
+                for row in iter_jsonl_rows(files[f], ("prompt",), on_error=settings["on_error"], lines=(first, end),
+                                           check=check_preference):
                     stats.num_rows += 1
                     if isinstance(row, SkippedRow):
                         stats.skipped.append(row)
                         continue
                     rows_per_file[f] += 1
-                    t = row.texts
-                    encoded = encode_candidates(tokenizer, t["prompt"], t["reference"], [t["chosen"], t["rejected"]],
-                                                row.wrapper, **settings["encode"])
+                    encoded = encode_preference(tokenizer, pref := preference_of(row), **settings["encode"])
                     if encoded is None:
                         stats.num_too_long += 1
                         if len(stats.too_long_sources) < DataStats.NUM_EXAMPLES:
                             stats.too_long_sources.append(row.source)
                         continue
-                    chosen, rejected = encoded.input_ids
-                    stats.num_prompt_truncated += encoded.prompt_truncated
-                    stats.num_response_truncated += encoded.response_truncated
-                    stats.num_tokens += len(chosen) + len(rejected)
-                    for name, value in zip(SCHEMA.names, (chosen, rejected, row.source, len(chosen), len(rejected),
-                                                          shared_prefix_length(chosen, rejected))):
+                    stats.count_row(pref.is_list, encoded)
+                    seqs = encoded.seqs
+                    for name, value in zip(SCHEMA.names, (seqs, encoded.better, encoded.worse, encoded.order, row.source, sum(
+                            map(len, seqs)), max(map(len, seqs)), len(seqs), shared_prefix_length(*seqs), len(encoded.better))):
                         columns[name].append(value)
                     if len(columns["source"]) >= _BATCH_ROWS:
                         flush()
@@ -268,7 +278,7 @@ def _merge(results: Sequence[dict[str, Any]], files: Sequence[str]) -> DataStats
     parts = [DataStats.from_dict(r["stats"]) for r in results]
     stats = DataStats(skipped=[s for p in parts for s in p.skipped], too_long_sources=[s for p in parts for s in p.too_long_sources])
     for name in ("num_rows", "num_pairs", "num_tokens", "num_too_long", "num_prompt_truncated", "num_response_truncated",
-                 "num_skipped"):
+                 "num_skipped", *DataStats.LIST_COUNTS):
         setattr(stats, name, sum(getattr(p, name) for p in parts))
     for f, name in enumerate(files):  # read_jsonl_rows' "no rows" checks, file by file
         first_skipped = [s for s in stats.skipped if s.source.rsplit(":", 1)[0] == name][:1]
@@ -429,8 +439,11 @@ def _log_build(stats: DataStats, max_length: int) -> None:
         first = ", ".join(s.source for s in stats.skipped[: DataStats.NUM_EXAMPLES])
         logger.warning("data: skipped %d bad rows (on_error=skip; first: %s; %s: %s)", stats.num_skipped, first,
                        stats.skipped[0].source, stats.skipped[0].reason)
+    if stats.num_identical_pairs:  # they add to the loss, nothing to the gradient
+        logger.warning("data: %d pairs teach nothing: chosen and rejected encode to the same ids (fix or remove those rows)",
+                       stats.num_identical_pairs)
     if stats.num_too_long:
-        logger.warning("data: dropped %d pairs that do not fit max_length=%d (first: %s)", stats.num_too_long, max_length,
+        logger.warning("data: dropped %d rows that do not fit max_length=%d (first: %s)", stats.num_too_long, max_length,
                        ", ".join(stats.too_long_sources))
     logger.info("data: %s", stats.summary())
     logger.info("data: tokenized %d tokens in %.1f s: %.0f tokens/s", stats.num_tokens, stats.tokenize_seconds, stats.tokens_per_s)

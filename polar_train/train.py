@@ -33,12 +33,13 @@ from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, sa
 from polar_train.config import Config, LossSection
 from polar_train.engine import build_engine, distributed, lr_at
 from polar_train.errors import TrainingError
-from polar_train.evaluate import Ranks, pair_report, pair_rewards, write_report
+from polar_train.evaluate import (Ranks, group_rewards, implied_pairs, list_loss, list_report, pair_report, reward_stats,
+                                  write_report)
 from polar_train.export import export_hf
-from polar_train.loss import pair_losses, pair_stats, summarize
+from polar_train.loss import pair_losses, pair_stats, plackett_luce, summarize
 from polar_train.model.build import ModelSource
 from polar_train.model.lora import count_parameters
-from polar_train.packing import StepPlanner, pack_step
+from polar_train.packing import MicroBatch, StepPlanner, pack_step
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
 from polar_train.rundir import hold_output_dir, preflight, prepare_output_dir, write_skipped_rows
 from polar_train.store import load_pairs
@@ -95,13 +96,17 @@ def run(cfg: Config) -> dict[str, float]:
                 return {}
             # the one packed-inference path of `polar-train eval` and `score`, split over the ranks
             # the eval pairs' ids are read from the store for the duration of the eval only
-            pairs = eval_set.pairs.read(range(len(eval_set.pairs)))
-            chosen, rejected = pair_rewards(engine.model, pairs, max_tokens=cfg.data.max_tokens,
-                                            shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len,
-                                            device=dist.device, autocast=engine.autocast,
-                                            ranks=Ranks(dist.rank, dist.world_size, engine.all_reduce_sum))  # [N] each
+            rows = eval_set.pairs.read(range(len(eval_set.pairs)))  # pair rows and lists
+            rewards = group_rewards(engine.model, [g.seqs for g in rows], max_tokens=cfg.data.max_tokens,
+                                    shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len,
+                                    device=dist.device, autocast=engine.autocast,
+                                    ranks=Ranks(dist.rank, dist.world_size, engine.all_reduce_sum))  # per row, per sequence
+            chosen, rejected = implied_pairs(rewards, rows)  # [P] each
             metrics = eval_metrics(chosen, rejected, losses_of)
-            state.eval_report = pair_report(chosen, rejected, **eval_set.counts)
+            if cfg.loss.kind == "listwise":
+                metrics["loss"] = list_loss(rewards, rows)
+            state.eval_report = {**pair_report(chosen, rejected, **eval_set.counts), **list_report(rewards, rows),
+                                 "reward_stats": reward_stats(rewards)}
             if dist.rank == 0:  # eval/step-N/report.json; the final one, with its plots, next to hf/
                 final = step == total_steps
                 write_report(state.eval_report, out / "eval" / ("final" if final else f"step-{step}"),
@@ -116,7 +121,9 @@ def run(cfg: Config) -> dict[str, float]:
         for step in range(state.step, total_steps):
             t0 = time.perf_counter()
             epoch, in_epoch = divmod(step, planner.steps_per_epoch)
-            step_pairs = len(planner.step_pairs(epoch, in_epoch))  # the global batch: the loss divides by it
+            rows = planner.step_pairs(epoch, in_epoch)  # the global batch: pair rows and lists
+            # the loss divides by the step's implied pairs (listwise: its lists), on all ranks
+            step_count = len(rows) if cfg.loss.kind == "listwise" else int(train_set.num_pairs[rows].sum())
             micro_batches = pack_step(planner.plan(epoch, in_epoch)[dist.rank], train_set.pairs,
                                       shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len)
             engine.model.train()
@@ -127,12 +134,12 @@ def run(cfg: Config) -> dict[str, float]:
                 num_tokens += mb.num_tokens
                 mb = mb.to(dist.device)
                 with engine.autocast():
-                    rewards = engine.model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()  # [2P]
-                chosen, rejected = rewards.chunk(2)
-                losses = mb.pair_weight * losses_of(chosen, rejected)
-                # a mean over ALL pairs of the step on all ranks (SPEC 5); the engine undoes DeepSpeed's rank average
-                engine.backward(losses.sum() / step_pairs, last=i == len(micro_batches) - 1)
-                loss_sum += losses.detach().sum()
+                    rewards = engine.model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index).float()  # [S]
+                chosen, rejected = rewards[mb.better], rewards[mb.worse]  # [P] every implied pair of every row
+                loss = batch_loss(cfg.loss, losses_of, rewards, mb)
+                # a mean over ALL pairs (lists) of the step on all ranks (SPEC 5, 10); the engine undoes DeepSpeed's rank average
+                engine.backward(loss / step_count, last=i == len(micro_batches) - 1)
+                loss_sum += loss.detach()
                 stats += pair_stats(chosen, rejected, mb.pair_weight)
             lr = lr_at(step, total_steps, cfg.optimizer.lr, cfg.schedule)  # a function of the step: nothing to save or restore
             engine.set_lr(lr)
@@ -153,6 +160,7 @@ def run(cfg: Config) -> dict[str, float]:
             if state.step % cfg.train.log_steps == 0 or state.step == total_steps:
                 seconds = time.perf_counter() - t0
                 metrics = summarize(torch.tensor(totals[1:7]), totals[0])
+                metrics["loss"] = totals[0] / step_count  # per implied pair, or per list (listwise)
                 metrics.update(lr=lr, grad_norm=result.grad_norm, pairs=int(totals[1]), tokens=int(totals[7]),
                                micro_batches=len(micro_batches), pairs_per_s=totals[1] / seconds,
                                tokens_per_s=totals[7] / seconds, epoch=epoch)
@@ -228,6 +236,14 @@ def resume_command() -> str:
 def loss_function(loss: LossSection) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``losses_of(chosen, rejected)``: the [P] per-pair losses the ``loss`` section asks for."""
     return functools.partial(pair_losses, loss=loss.kind, penalty=loss.penalty, penalty_weight=loss.penalty_weight)
+
+
+def batch_loss(loss: LossSection, losses_of: Callable, rewards: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """The summed loss of a micro-batch from its [S] rewards: the pair loss over every implied pair,
+    or (``listwise``) Plackett-Luce over every list; fillers weigh 0."""
+    if loss.kind == "listwise":
+        return (mb.list_weight * plackett_luce(rewards[mb.order_index], mb.order_mask)).sum()
+    return (mb.pair_weight * losses_of(rewards[mb.better], rewards[mb.worse])).sum()
 
 
 def eval_metrics(chosen: torch.Tensor, rejected: torch.Tensor, losses_of: Callable) -> dict[str, float]:

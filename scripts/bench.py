@@ -18,6 +18,14 @@ usual 6N rule): 6 x non-embedding parameters, plus attention 12 x layers x heads
 per attended (query, key) pair (forward 4 = QK^T + AV at 2 FLOP per multiply-add, x3 for
 backward). Padded mode is credited only with its real tokens' FLOPs (useful work).
 
+Ranked lists (``--compare lists``, SPEC 10): the same lists trained (a) as lists, one prefix + K
+suffixes each, and (b) expanded into their implied pair rows, each pair with its shared prefix
+(today's best); the same rows per step, the same initial weights, the same loss (the mean over
+every implied pair of the step). The last output line is JSON: ``lists_vs_pairs_speedup``
+(implied pairs/s, lists over pairs) and ``lists_vs_pairs_tokens`` (tokens computed, lists over pairs).
+    python scripts/make_length_mix.py --ranked 4 --num-pairs 192 --scale 0.125 --out /tmp/ranked_mix.jsonl
+    python scripts/bench.py --compare lists --data /tmp/ranked_mix.jsonl --shape cpu
+
 CPU (tiny model; ratios only):
     python scripts/make_length_mix.py --scale 0.125 --num-pairs 256 --out /tmp/mix.jsonl
     python scripts/bench.py --data /tmp/mix.jsonl --shape tiny --steps 4 --pairs-per-step 64 --max-tokens 8192
@@ -44,7 +52,7 @@ import torch.nn.functional as F
 import polar_train.model.internlm2 as internlm2_module
 from polar_train.model import InternLM2RewardModel, ModelConfig, resolve_attention
 from polar_train.model.varlen import VarlenMeta
-from polar_train.packing import PairList, StepPlanner, pack_step, pair_cost
+from polar_train.packing import Group, PairList, StepPlanner, best_fit_decreasing, group_cost, pack_step, pair_cost
 from polar_train.store import load_pair_store
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
@@ -288,7 +296,12 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=0,
                    help="instead of the three modes: LoRA of this rank vs the full fine-tune (memory, step time)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--compare", default="layouts", choices=["layouts", "lists"],
+                   help="layouts: padded / packed / shared pairs; lists: ranked lists vs their expanded pairs")
     args = p.parse_args()
+    if args.compare == "lists":
+        compare_lists(args)
+        return
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -298,7 +311,7 @@ def main() -> None:
     _, reward_id = special_token_ids(tokenizer, None)
     store, stats = load_pair_store([args.data], tokenizer, args.tokenizer, max_length=args.max_length,
                                    max_response_length=4096, cache_dir=None, on_error="raise")
-    pairs = [(c, r) for c, r in store.read(range(len(store)))
+    pairs = [(c, r) for c, r in store.read_pairs(range(len(store)))
              if pair_cost(c, r, False) <= args.max_tokens]  # every mode sees the same pairs (a benchmark's few)
     attention = resolve_attention(args.attention, device)
     if args.lora_rank:
@@ -367,6 +380,86 @@ def main() -> None:
     print("ratios: " + ", ".join(f"{k} {v:.2f}" + ("x" if "vs" in k else "") for k, v in ratios.items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "ratios": ratios}, indent=2))
+
+
+def train_steps(model, opt, steps: list[list[list[int]]], rows: list[Group], step_pairs: list[int], device, sync):
+    """Run the planned steps (bins of row ids) with the training loss; seconds and tokens computed."""
+    tokens = 0
+    sync()
+    t0 = time.perf_counter()
+    for bins, count in zip(steps, step_pairs):
+        for mb in pack_step(bins, PairList(rows), shared_prefix=True):
+            tokens += mb.num_tokens
+            mb = mb.to(device)
+            rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index).float()  # [S]
+            (-F.logsigmoid(rewards[mb.better] - rewards[mb.worse])).sum().div(count).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    return time.perf_counter() - t0, tokens
+
+
+def compare_lists(args: argparse.Namespace) -> None:
+    """Ranked lists as lists vs as their expanded pair rows: same rows per step, same weights."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokenizer = load_tokenizer(args.tokenizer)
+    _, reward_id = special_token_ids(tokenizer, None)
+    store, _ = load_pair_store([args.data], tokenizer, args.tokenizer, max_length=args.max_length,
+                               max_response_length=4096, cache_dir=None, on_error="raise")
+    lists = [g for g in store.read(range(len(store))) if group_cost(g.seqs, True) <= args.max_tokens]
+    pairs, pairs_of = [], []  # each list's implied pairs as pair rows, and their ids
+    for g in lists:
+        pairs_of.append(list(range(len(pairs), len(pairs) + len(g.better))))
+        pairs += [Group.pair(g.seqs[b], g.seqs[w]) for b, w in zip(g.better, g.worse)]
+    planner = StepPlanner([group_cost(g.seqs, True) for g in lists], pairs_per_step=args.pairs_per_step,
+                          max_tokens=args.max_tokens, seed=0)
+    n_steps = min(args.steps + 1, planner.steps_per_epoch)  # the first step of each mode warms up
+    row_ids = [planner.step_pairs(0, k) for k in range(n_steps)]
+    step_pairs = [sum(len(lists[i].better) for i in ids) for ids in row_ids]
+    plan = {"lists": [planner.plan(0, k)[0] for k in range(n_steps)], "pairs": []}
+    pair_costs = [group_cost(p.seqs, True) for p in pairs]
+    for ids in row_ids:  # the same rows, expanded, packed the same way
+        expanded = [p for i in ids for p in pairs_of[i]]
+        plan["pairs"].append(best_fit_decreasing(expanded, [pair_costs[p] for p in expanded], args.max_tokens))
+    rows = {"lists": lists, "pairs": pairs}
+
+    # one model per mode from the same initial weights; the modes alternate step by step, so a busy
+    # machine slows both alike (the first step of each round warms up and is not counted)
+    models = {}
+    for mode in rows:
+        models[mode] = build_model(args.shape, len(tokenizer), reward_id, resolve_attention(args.attention, device), device, dtype)
+    initial = {k: v.detach().clone() for k, v in models["lists"].state_dict().items()}
+    results = {m: {"seconds": float("inf")} for m in rows}
+    for _ in range(args.rounds):
+        seconds, tokens = dict.fromkeys(rows, 0.0), dict.fromkeys(rows, 0)
+        opts = {}
+        for mode, model in models.items():
+            model.load_state_dict(initial)
+            opts[mode] = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=device.type == "cuda")
+        for k in range(n_steps):
+            for mode in rows:
+                sec, tok = train_steps(models[mode], opts[mode], plan[mode][k:k + 1], rows[mode], step_pairs[k:k + 1],
+                                       device, sync)
+                if k:
+                    seconds[mode] += sec
+                    tokens[mode] += tok
+        for mode in rows:
+            if seconds[mode] < results[mode]["seconds"]:
+                n = sum(step_pairs[1:])
+                results[mode] = {"seconds": seconds[mode], "implied_pairs": n, "pairs_per_s": n / seconds[mode],
+                                 "tokens_computed": tokens[mode], "micro_batches": sum(len(s) for s in plan[mode][1:])}
+    print(f"device {device} | shape {args.shape} | {len(lists)} lists, {len(pairs)} implied pairs | "
+          f"{n_steps - 1} steps x {args.pairs_per_step} lists | budget {args.max_tokens}")
+    print(f"{'mode':6} {'implied pairs/s':>16} {'tokens computed':>16} {'micro-batches':>14}")
+    for mode, r in results.items():
+        print(f"{mode:6} {r['pairs_per_s']:16.2f} {r['tokens_computed']:16d} {r['micro_batches']:14d}")
+    summary = {"lists_vs_pairs_speedup": results["lists"]["pairs_per_s"] / results["pairs"]["pairs_per_s"],
+               "lists_vs_pairs_tokens": results["lists"]["tokens_computed"] / results["pairs"]["tokens_computed"]}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, **summary}, indent=2))
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def replicate(code: Path, data: Path, cache: Path, copies: int, work: Path, toke
     sys.path.insert(0, str(code))
     import pyarrow as pa
 
-    from polar_train.data import dataset_cache_key
+    from polar_train.cache_key import dataset_cache_key
 
     big = work / f"{data.stem}-x{copies}.jsonl"
     text = data.read_bytes()

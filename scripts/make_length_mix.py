@@ -8,12 +8,15 @@ long-tailed log-normal draws in tokens, clipped to the recipe's limits,
     chosen      median 400, sigma 0.9, clipped to [4, 4096]
     rejected    median 400, sigma 0.9, clipped to [4, 4096]
 
-so a few pairs are 10-30x the median, as in chat and reasoning preference sets. The text is
+so a few pairs are 10-30x the median, as in chat and reasoning preference sets. With
+``--ranked K`` each row is a ranked list instead: ``{"prompt", "reference", "ranked": [K
+candidates]}``, each candidate drawn like ``chosen`` (SPEC 10). The text is
 random tokens of the given tokenizer decoded to strings, so re-tokenising it gives lengths
 close to the drawn ones. Use it for packing statistics and benchmarks (``scripts/bench.py``,
 ``polar-train data``), never for training.
 
     python scripts/make_length_mix.py --tokenizer data/tokenizer --num-pairs 2000 --out data/length_mix.jsonl
+    python scripts/make_length_mix.py --ranked 4 --num-pairs 256 --scale 0.125 --out /tmp/ranked_mix.jsonl
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--num-pairs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every median (0.25 for a quick CPU run)")
+    parser.add_argument("--ranked", type=int, default=0, help="K > 0: ranked rows of K candidates instead of pairs")
     parser.add_argument("--out", default="data/length_mix.jsonl")
     args = parser.parse_args()
 
@@ -64,12 +68,17 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
         for _ in range(args.num_pairs):
-            row = {}
-            for field, (median, sigma, lo, hi) in LENGTHS.items():
+            def text(field: str) -> str:
+                median, sigma, lo, hi = LENGTHS[field]
                 n = draw_length(rng, max(1, int(median * args.scale)), sigma, lo, hi)
-                row[field] = "".join(rng.choice(words) for _ in range(n)).strip()
+                return "".join(rng.choice(words) for _ in range(n)).strip()
+
+            if args.ranked:
+                row = {"prompt": text("prompt"), "reference": text("reference"), "ranked": [text("chosen") for _ in range(args.ranked)]}
+            else:
+                row = {field: text(field) for field in LENGTHS}
             f.write(json.dumps(row) + "\n")
-    print(f"wrote {args.num_pairs} pairs to {out}")
+    print(f"wrote {args.num_pairs} {f'lists of {args.ranked}' if args.ranked else 'pairs'} to {out}")
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ def test_an_override_under_the_old_name_beats_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("override, message", [
     ("train.lrr=1", "train.lrr: unknown key (did you mean train.lr?)"),
     ("optimizer.betaz=1", "optimizer.betaz: unknown key (did you mean optimizer.betas?)"),
-    ("loss.kind=hinge", "loss.kind: 'hinge' is not one of ranking, focal"),
-    ("train.loss=hinge", "train.loss (now loss.kind): 'hinge' is not one of ranking, focal"),
+    ("loss.kind=hinge", "loss.kind: 'hinge' is not one of ranking, focal, listwise"),
+    ("train.loss=hinge", "train.loss (now loss.kind): 'hinge' is not one of ranking, focal, listwise"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage: 4 is not one of 0, 1, 2, 3"),
     ("schedule.warmup_ratio=1.5", "schedule.warmup_ratio: must be between 0 and 1, got 1.5"),
     ("checkpoint.save_total_limit=0", "checkpoint.save_total_limit: must be > 0, got 0"),

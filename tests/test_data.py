@@ -360,14 +360,15 @@ def test_load_pair_store_columns_and_stats(tmp_path: Path, tiny_tokenizer: PreTr
     b = write(tmp_path / "b.jsonl", ["{oops", dict(ROW, reference="12 " * 30)])
     store, stats = load_pair_store([str(a), str(b)], tiny_tokenizer, "tiny", max_length=4096,
                                    max_response_length=16, on_error="skip")
-    assert store.table.column_names == ["chosen_ids", "rejected_ids", "source", "chosen_len", "rejected_len", "prefix_len"]
+    assert store.table.column_names == ["seqs", "better", "worse", "order", "source", "total_len", "longest", "num_seqs",
+                                        "prefix_len", "num_pairs"]
     assert store.column("source") == [f"{a}:1", f"{a}:2", f"{b}:2"]
     expected = spec_encode(tiny_tokenizer, ROW["prompt"], ROW["reference"], [ROW["chosen"], ROW["rejected"]], "sft")
-    assert store.read([0]) == [tuple(expected)]
-    assert store.read([1])[0][0] == expected[0]  # the message list flattens to the same prompt
+    assert store.read_pairs([0]) == [tuple(expected)]
+    assert store.read_pairs([1])[0][0] == expected[0]  # the message list flattens to the same prompt
     assert (stats.num_rows, stats.num_pairs, stats.num_skipped, stats.num_too_long) == (4, 3, 1, 0)
     assert stats.skipped[0].source == f"{b}:1" and stats.num_response_truncated == 1 and stats.num_prompt_truncated == 0
-    assert stats.num_tokens == sum(len(x) for col in ("chosen_ids", "rejected_ids") for x in store.column(col))
+    assert stats.num_tokens == sum(len(x) for seqs in store.column("seqs") for x in seqs)
     assert "3 pairs" in stats.summary()
 
 

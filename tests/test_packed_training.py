@@ -13,7 +13,7 @@ import torch
 from polar_train.data_report import packing_stats
 from polar_train.loss import pair_losses
 from polar_train.model import VarlenMeta, load_model
-from polar_train.packing import PairLengths, build_micro_batch
+from polar_train.packing import GroupLengths, build_micro_batch
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "internlm2-reward-tiny"
@@ -110,8 +110,8 @@ def polar_like_pairs(n, seed=0):
 
 def test_polar_like_mix_fills_16k_micro_batches_and_shares_a_quarter_of_tokens():
     pairs = polar_like_pairs(1280)
-    stats = packing_stats(PairLengths.from_pairs(pairs), max_tokens=16384, pairs_per_step=320, shared_prefix=True, share_max_len=None, seed=0)
+    stats = packing_stats(GroupLengths.from_pairs(pairs), max_tokens=16384, pairs_per_step=320, shared_prefix=True, share_max_len=None, seed=0)
     assert stats["fill_ratio"] >= 0.97, stats
     assert stats["shared_prefix_saving"] >= 0.25, stats
-    plain = packing_stats(PairLengths.from_pairs(pairs), max_tokens=16384, pairs_per_step=320, shared_prefix=False, share_max_len=None, seed=0)
+    plain = packing_stats(GroupLengths.from_pairs(pairs), max_tokens=16384, pairs_per_step=320, shared_prefix=False, share_max_len=None, seed=0)
     assert plain["fill_ratio"] >= 0.97, plain

@@ -72,7 +72,7 @@ def test_demo_learns_and_its_export_reloads_with_identical_rewards(tmp_path):
     tokenizer = load_tokenizer(out / "hf")
     store, _ = load_pair_store([cfg.data.eval_files[0]], tokenizer, str(out / "hf"), max_length=cfg.data.max_length,
                                max_response_length=cfg.data.max_response_length, cache_dir=None)
-    pairs = store.read(range(len(store)))
+    pairs = store.read_pairs(range(len(store)))
     model = load_model(out / "hf")
     chosen, rejected = pair_rewards(model, pairs, max_tokens=cfg.data.max_tokens, shared_prefix=False)
     assert abs((chosen > rejected).double().mean().item() - evals[-1]["accuracy"]) < 1e-6

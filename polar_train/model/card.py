@@ -39,6 +39,9 @@ def _number(value: Any) -> str:
     return str(value)
 
 
+REWARD_STATS = "reward_stats.json"  # {"mean", "std", "candidates"} of the eval candidates' rewards
+
+
 def _eval_section(report: Mapping[str, Any]) -> list[str]:
     lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
     for key in ("pairs", "accuracy", "ties", "mean_margin", "ranking_loss", "reward_mean", "reward_std"):
@@ -54,6 +57,11 @@ def _eval_section(report: Mapping[str, Any]) -> list[str]:
         lines += [f"| {k} | " + " | ".join(_number(report[k].get(c)) for c in columns) + " |" for k in stats]
     lines += ["", "`reward_mean` / `reward_std` are over all chosen and rejected rewards: use them to "
               "normalise rewards in RL.", ""]
+    if isinstance(report.get("reward_stats"), Mapping):  # one reward per eval candidate (ranked lists counted once)
+        s = report["reward_stats"]
+        lines += [f"Reward statistics of the {s['candidates']} eval candidates (`{REWARD_STATS}`): mean "
+                  f"{_number(s['mean'])}, std {_number(s['std'])}; `polar-train score --normalize` applies "
+                  "`(reward - mean) / std`.", ""]
     return lines
 
 

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from polar_train.errors import UserError
 from polar_train.files import fsync_tree, temporary_name
 from polar_train.model.attention import resolve_attention
-from polar_train.model.card import MODEL_CARD, TRAINING_CONFIG, model_card, training_config_yaml
+from polar_train.model.card import MODEL_CARD, REWARD_STATS, TRAINING_CONFIG, model_card, training_config_yaml
 from polar_train.model.internlm2 import InternLM2RewardModel, ModelConfig
 from polar_train.tokenizer import TOKENIZER_FILE_PATTERNS
 
@@ -323,6 +323,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
                           num_parameters=sum(v.numel() for v in state_dict.values()),
                           eval_report=eval_report, has_training_config=training_config is not None)
         (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
+        if eval_report is not None and isinstance(eval_report.get("reward_stats"), Mapping):
+            (tmp / REWARD_STATS).write_text(json.dumps(dict(eval_report["reward_stats"]), indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         # Swap in: a crash before this point leaves any previous export untouched.
         if out_dir.exists():
