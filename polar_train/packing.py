@@ -21,7 +21,7 @@ K suffixes: ``[p a' | b' | c' | d']``, one reward per sequence (``seq_index`` [S
 implied pair reads two of them (``better``, ``worse`` [P]); a pair row is the K=2 case. A row is
 never split across micro-batches.
 
-Pairs are read by index: the planner sees one cost per pair (a numpy array, ``PairLengths``),
+Pairs are read by index: the planner sees one cost per pair (a numpy array, ``GroupLengths``),
 and ``pack_step`` asks a ``PairReader`` (the memory-mapped store, ``polar_train.store``) for the
 ids of the few pairs a micro-batch holds. Nothing here holds the dataset's tokens.
 
@@ -314,7 +314,7 @@ def split_across_ranks(items: Sequence[int], costs: Sequence[int], num_ranks: in
 class StepPlanner:
     """Which pairs each rank computes in each micro-batch of each optimizer step.
 
-    ``costs[i]`` is the token cost of pair i (``pair_cost``, or ``PairLengths.costs`` for all at
+    ``costs[i]`` is the token cost of pair i (``pair_cost``, or ``GroupLengths.costs`` for all at
     once); pairs costing more than ``max_tokens`` must already be removed by the caller (and
     counted). The planner holds the costs and one epoch's order as numpy arrays (16 bytes per
     pair) and touches only the current step's pairs in Python.

@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerBase
 from polar_train.data import WRAPPERS, EncodedCandidates, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
 from polar_train.errors import UserError
 from polar_train.evaluate import (InferenceStats, autocast_to, group_rewards, normalize_rewards, pair_report,
-                                  read_reward_stats, write_report)
+                                  read_reward_stats, reward_stats, write_report)
 from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
 from polar_train.reporting import setup_logging
@@ -335,6 +335,7 @@ def eval_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, d
     report = pair_report(chosen, rejected, num_dropped=stats.num_unfit,
                          num_prompt_truncated=stats.num_prompt_truncated,
                          num_response_truncated=stats.num_response_truncated)
+    report["reward_stats"] = reward_stats([[row["chosen_reward"], row["rejected_reward"]] for row in kept])  # as training's
     report["settings"] = {"data": str(data), **{k: v for k, v in options.items() if isinstance(v, (int, float, str))},
                           **(settings or {})}
     write_jsonl(scored, Path(out_dir) / SCORED_FILE)

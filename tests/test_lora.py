@@ -56,7 +56,7 @@ def base_model(folder: Path, *overrides: str):
 def eval_rewards(folder: Path, model: torch.nn.Module) -> torch.Tensor:
     cfg = in_process_config(folder, "unused")
     store = load_pairs(cfg.data, cfg.data.eval_files, load_tokenizer(folder / "tok"), str(folder / "tok"), None, "eval").pairs
-    pairs = store.read(range(len(store)))
+    pairs = store.read_pairs(range(len(store)))
     with torch.no_grad():
         return torch.cat(pair_rewards(model, pairs, max_tokens=cfg.data.max_tokens, shared_prefix=True))  # [2N]
 
