@@ -258,9 +258,10 @@ def test_lora_settings_are_part_of_the_run_and_export_adapter_has_its_old_name(r
 @pytest.mark.slow
 def test_lora_on_the_demo_learns(tmp_path: Path) -> None:
     # the demo's fresh random base, frozen: the adapters (rank 32 of hidden 96) and the head learn the task
-    # alone; measured 0.785 / 0.895 / 0.90 at steps 250 / 500 / 750 (lr 1e-2 collapsed to constant rewards)
-    cfg = demo_config(tmp_path, "demo_lora", "model.lora.rank=32", "model.lora.alpha=64", "optimizer.lr=1.5e-3",
-                      "train.epochs=6", "train.eval_steps=0")
+    # alone; measured 0.78 / 0.925 / 0.945 / 0.965 at steps 250 / 500 / 750 / 1000. lr 1.5e-3 for 6 epochs
+    # ended anywhere from 0.61 to 0.90 with the thread count and data order; lr 1e-2 collapsed to constant rewards
+    cfg = demo_config(tmp_path, "demo_lora", "model.lora.rank=32", "model.lora.alpha=64", "optimizer.lr=1e-3",
+                      "train.epochs=8", "train.eval_steps=0")
     run(cfg)
     evals = metrics(Path(cfg.output_dir), "eval")
     assert evals[0]["step"] == 0 and 0.35 <= evals[0]["accuracy"] <= 0.65, evals[0]
