@@ -4,7 +4,6 @@ exact resume (dropout included), convert, bad settings; the demo learns; ZeRO-2/
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from polar_train.store import load_pairs
 from polar_train.train import run
 
 from test_resume import (  # noqa: F401
-    assert_same_weights, hf_weights, in_process_config, make_run_folder, metric_rows, one_thread, start_training,
-    train, train_losses, wait_for,
+    assert_same_weights, hf_weights, in_process_config, kill_after_checkpoint, make_run_folder, metric_rows, one_thread,
+    start_training, train, train_losses, wait_for,
 )
 from test_train_e2e import demo_config, metrics
 
@@ -272,16 +271,7 @@ def test_lora_on_the_demo_learns(tmp_path: Path) -> None:
 def test_sigkill_or_sigterm_then_resume_gives_bitwise_equal_weights(run_folder: Path) -> None:
     steps = ["train.max_steps=12", "train.save_steps=2", "model.lora.rank=4", "model.lora.dropout=0.1"]
     train(run_folder, "output_dir=lora_ref12", *steps)
-    proc = start_training(run_folder, "output_dir=lora_killed", *steps)
-    ckpt = run_folder / "lora_killed" / "checkpoints" / "step-4"
-    try:
-        wait_for(lambda: (ckpt / COMPLETE).exists(), timeout=120, proc=proc)
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert not (run_folder / "lora_killed" / "hf").exists()
+    kill_after_checkpoint(run_folder, "lora_killed", 4, *steps)
     train(run_folder, "output_dir=lora_killed", *steps)  # checkpoint.resume=auto
     assert metric_rows(run_folder / "lora_killed") == metric_rows(run_folder / "lora_ref12")
     assert_same_weights(run_folder / "lora_killed" / "hf", run_folder / "lora_ref12" / "hf")  # bitwise

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 import random
 import subprocess
@@ -26,30 +25,13 @@ from polar_train.cli import main
 from polar_train.pretrain_pairs import build_pretrain_pairs, plan_group
 from polar_train.store import load_pair_store
 
+from test_errors import _quiet_logger, write_lines  # noqa: F401  (_quiet_logger: an autouse fixture)
+
 GOOD = {"prompt": "What is 7 + 5?", "policy": "a", "output": "12"}
 PAIR_KEYS = ["prompt", "reference", "chosen", "rejected", "wrapper", "reference_policy", "rejected_policy"]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _quiet_logger():
-    """cli.main may point the polar_train logger at the (captured) stderr of a test; drop it after."""
-    yield
-    logger = logging.getLogger("polar_train")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-
-
-def write_lines(path: Path, lines: list[str | bytes | dict]) -> Path:
-    data = b""
-    for line in lines:
-        if isinstance(line, dict):
-            line = json.dumps(line)
-        data += (line if isinstance(line, bytes) else line.encode()) + b"\n"
-    path.write_bytes(data)
-    return path
 
 
 def sample(prompt: str, policy: str, output: str, wrapper: str | None = None) -> dict:

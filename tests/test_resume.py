@@ -192,13 +192,11 @@ def test_resume_from_a_step_reproduces_the_uninterrupted_run(run_folder: Path) -
     assert_same_weights(resumed / "hf", full / "hf")
 
 
-@pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_resume_matches(run_folder: Path) -> None:
-    steps = ["train.max_steps=12", "train.save_steps=2"]
-    train(run_folder, "output_dir=ref12", *steps)
-
-    proc = start_training(run_folder, "output_dir=killed", *steps)
-    ckpt = run_folder / "killed" / "checkpoints" / "step-4"
+def kill_after_checkpoint(folder: Path, name: str, step: int, *overrides: str) -> None:
+    """Start training into ``folder/name``, SIGKILL it once its step-``step`` checkpoint is complete,
+    and check that it died mid-run (no export)."""
+    proc = start_training(folder, f"output_dir={name}", *overrides)
+    ckpt = folder / name / "checkpoints" / f"step-{step}"
     try:
         wait_for(lambda: (ckpt / COMPLETE).exists(), timeout=120, proc=proc)
         os.kill(proc.pid, signal.SIGKILL)
@@ -206,7 +204,15 @@ def test_sigkill_after_a_checkpoint_then_resume_matches(run_folder: Path) -> Non
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (run_folder / "killed" / "hf").exists()  # killed mid-run
+    assert not (folder / name / "hf").exists()  # killed mid-run
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_matches(run_folder: Path) -> None:
+    steps = ["train.max_steps=12", "train.save_steps=2"]
+    train(run_folder, "output_dir=ref12", *steps)
+
+    kill_after_checkpoint(run_folder, "killed", 4, *steps)
     killed_at = max(r["step"] for r in metric_rows(run_folder / "killed"))
     assert 4 <= killed_at < 12
 
