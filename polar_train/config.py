@@ -160,14 +160,13 @@ class CheckpointSection:
 
 @dataclass
 class TrainSection:
-    """The loop: how long, how many pairs a step, in which precision, how often to log and eval."""
+    """The loop: how long, how many pairs a step, how often to log and eval."""
 
     epochs: int = resumable(1)  # passes over train_files (used when max_steps is 0)
     max_steps: int = resumable(0)  # optimizer steps; 0 = derived from epochs
     pairs_per_step: int = 320  # pairs per optimizer step (global batch, all ranks)
     eval_steps: int = resumable(0)  # evaluate every N steps (and at start and end); 0 = start and end only
     log_steps: int = resumable(1)  # write a train metrics line every N steps
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = resumable("auto")  # auto = bf16 on CUDA, fp32 on CPU; fp16 = dynamic loss scale
     max_bad_steps: int = resumable(5)  # non-finite steps in a row before the run stops
 
     def problems(self) -> list[str]:
@@ -176,6 +175,14 @@ class TrainSection:
         if self.max_steps == 0 and self.epochs == 0:
             found.append("max_steps: both train.max_steps and train.epochs are 0 (set one of them)")
         return found
+
+
+@dataclass
+class EngineSection:
+    """How a step computes (engine.resolve_precision)."""
+
+    # auto = bf16 on a GPU that supports it, else fp32; fp16 = dynamic loss scale
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = resumable("auto")
 
 
 @dataclass
@@ -206,6 +213,7 @@ class Config:
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    engine: EngineSection = field(default_factory=EngineSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
 
 
@@ -226,6 +234,7 @@ ALIASES: dict[str, str] = {
     "train.resume": "checkpoint.resume",
     "train.export_dtype": "checkpoint.export_dtype",
     "train.export_adapter": "checkpoint.export_adapter",
+    "train.precision": "engine.precision",
 }
 
 

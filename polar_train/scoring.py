@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from polar_train.data import WRAPPERS, EncodedCandidates, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
+from polar_train.engine.protocol import DTYPES, resolve_precision
 from polar_train.errors import UserError
 from polar_train.evaluate import (InferenceStats, autocast_to, group_rewards, normalize_rewards, pair_report,
                                   read_reward_stats, reward_stats, write_report)
@@ -371,13 +372,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # --dtype -> engine.precision's names
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a CUDA device that supports it, else float32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if name not in ("float32", "bfloat16", "float16"):
+    """``auto``: bfloat16 on a CUDA device that supports it, else float32 (``resolve_precision``)."""
+    if name != "auto" and name not in DTYPE_NAMES:
         raise UserError("--dtype", f"unknown dtype {name!r}", "expected auto, float32, bfloat16 or float16")
-    return getattr(torch, name)
+    return DTYPES[resolve_precision(DTYPE_NAMES.get(name, name), device, key="--dtype")]
 
 
 def load_scorer(model_dir: str | os.PathLike[str], *, device: str = "auto", dtype: str = "auto",

@@ -50,6 +50,17 @@ def test_old_keys_still_work_and_name_their_new_place_once(caplog: pytest.LogCap
     assert not {"lr", "loss", "save_steps", "resume", "betas"} & set(to_dict(cfg)["train"])  # moved, not copied
 
 
+def test_train_precision_is_an_alias_of_engine_precision(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"train": {"precision": "fp16", "epochs": 2},
+                                                     "data": {"train_files": ["x"]}, "model": {"path": "m"}}))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert (cfg.engine.precision, cfg.train.epochs) == ("fp16", 2)
+    assert "precision" not in to_dict(cfg)["train"] and to_dict(cfg)["engine"] == {"precision": "fp16"}
+    assert load_config(tmp_path / "c.yaml", ["train.precision=bf16"]).engine.precision == "bf16"
+    assert load_config(tmp_path / "c.yaml", ["engine.precision=fp32"]).engine.precision == "fp32"
+    assert "engine.precision" in resumable_keys()
+
+
 def test_an_override_under_the_old_name_beats_the_file(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({"optimizer": {"lr": 0.5}, "data": {"train_files": ["x"]},
                                                      "model": {"path": "m"}}))
@@ -66,6 +77,7 @@ def test_an_override_under_the_old_name_beats_the_file(tmp_path: Path) -> None:
     ("loss.kind=hinge", "loss.kind: 'hinge' is not one of ranking, focal, listwise"),
     ("train.loss=hinge", "train.loss (now loss.kind): 'hinge' is not one of ranking, focal, listwise"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage: 4 is not one of 0, 1, 2, 3"),
+    ("train.precision=fp8", "train.precision (now engine.precision): 'fp8' is not one of auto, bf16, fp16, fp32"),
     ("schedule.warmup_ratio=1.5", "schedule.warmup_ratio: must be between 0 and 1, got 1.5"),
     ("checkpoint.save_total_limit=0", "checkpoint.save_total_limit: must be > 0, got 0"),
     ("deepspeed.offload_params=true", "deepspeed.offload_params: parameter offload needs deepspeed.zero_stage=3"),
@@ -79,7 +91,7 @@ def test_each_problem_names_its_full_dotted_key(override: str, message: str) -> 
 def test_resumable_is_marked_on_the_fields() -> None:
     keys = resumable_keys()
     # launch and bookkeeping: may change when a run continues in its output_dir
-    assert {"deepspeed.enabled", "deepspeed.zero_stage", "train.precision", "train.max_steps", "checkpoint.resume",
+    assert {"deepspeed.enabled", "deepspeed.zero_stage", "engine.precision", "train.max_steps", "checkpoint.resume",
             "checkpoint.save_steps", "model.attention", "output_dir"} <= keys
     # what a step trains: may not
     assert not keys & {"optimizer.lr", "schedule.warmup_ratio", "loss.kind", "train.pairs_per_step", "data.max_tokens",

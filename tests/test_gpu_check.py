@@ -98,7 +98,7 @@ def test_train_config_of_each_mode_loads(tmp_path, mode):
     path.write_text(json.dumps(gpu_check.train_config(mode, tmp_path / "run", tmp_path / "pairs.jsonl")))
     cfg = load_config(path)
     expected = ("torch_varlen", "bf16", 2048, 24) if mode == "gpu" else ("sdpa", "fp32", 32, 2)
-    assert (cfg.model.attention, cfg.train.precision, cfg.model.fresh.hidden_size, cfg.model.fresh.num_layers) == expected
+    assert (cfg.model.attention, cfg.engine.precision, cfg.model.fresh.hidden_size, cfg.model.fresh.num_layers) == expected
     assert (cfg.deepspeed.enabled, cfg.deepspeed.zero_stage, cfg.train.max_steps) == (True, 2, 5)
 
 

@@ -223,3 +223,16 @@ def test_bad_rows_are_user_errors(tmp_path, checkpoint, capsys):
                  "--device", "tpu"])
     assert code == 2 and "--device" in capsys.readouterr().err
 
+
+
+def test_dtype_names_go_through_the_one_precision_resolver():
+    from polar_train.engine import resolve_precision
+    from polar_train.scoring import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert [resolve_dtype(n, cpu) for n in ("auto", "float32", "bfloat16", "float16")] == [
+        torch.float32, torch.float32, torch.bfloat16, torch.float16]
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(UserError) as info:
+        resolve_dtype("int8", cpu)
+    assert (info.value.where, info.value.what) == ("--dtype", "unknown dtype 'int8'")

@@ -19,9 +19,23 @@ from typing import Any, Protocol
 
 import torch
 
+from polar_train.errors import UserError
+
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's per-element state; besides them, one step count
 STATE_KEYS = ("fp32", *ADAM_MOMENTS)  # what a checkpoint holds per trainable parameter
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> dtype
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # engine.precision -> dtype
+
+
+def resolve_precision(precision: str, device: torch.device, key: str = "engine.precision") -> str:
+    """``fp32`` | ``bf16`` | ``fp16``. ``auto`` = bf16 on a GPU that supports it, else fp32.
+    The one resolver of training (``engine.precision``) and scoring (``--dtype``, named by ``key``)."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if bf16_ok else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not bf16_ok:
+        raise UserError(key, f"bf16 is not supported on {torch.cuda.get_device_name(device)}",
+                        f"use {key}=fp16 (loss scaling) or fp32" if "." in key else "use float16 or float32")
+    return precision  # bf16 / fp16 on a CPU: autocast runs them, slowly
 
 
 @dataclass
