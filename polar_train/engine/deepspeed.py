@@ -146,7 +146,7 @@ class DeepSpeedEngine:
         if not masters and self.optimizer.state:
             raise TrainingError("deepspeed", f"{type(self.engine.optimizer).__name__} stepped the optimizer at "
                                 "build time and its fp32 masters cannot be reached to undo it",
-                                "use deepspeed.zero_stage=2 or train.precision=bf16")
+                                "use deepspeed.zero_stage=2 or engine.precision=bf16")
         for low, high in masters.items():
             high.copy_(low)
         self.optimizer.state.clear()
