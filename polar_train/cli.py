@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from polar_train.errors import UserError
 
@@ -90,16 +91,51 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_score(args: argparse.Namespace) -> int:
-    from polar_train.scoring import cmd_score as run_score
+def _scoring_options(args: argparse.Namespace) -> dict[str, int]:
+    for flag, value, least in (("--max-length", args.max_length, 5), ("--max-response-length", args.max_response_length, 1),
+                               ("--max-tokens", args.max_tokens, 1)):
+        if value < least:
+            raise UserError(flag, f"is {value}", f"expected at least {least}")
+    return {"max_length": args.max_length, "max_response_length": args.max_response_length, "max_tokens": args.max_tokens}
 
-    return run_score(args)
+
+def _scorer(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``scoring.load_scorer`` for ``score`` / ``eval``, after a header-only check of the model folder
+    (a damaged download is one line naming the file, before any weight loads)."""
+    from polar_train.rundir import check_model_folder
+    from polar_train.scoring import load_scorer
+
+    check_model_folder(args.model, key="--model")
+    return load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
+                       trust_remote_code=args.trust_remote_code)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``polar-train score --model DIR --data IN.jsonl --output OUT.jsonl``."""
+    from polar_train.evaluate import read_reward_stats
+    from polar_train.reporting import setup_logging
+    from polar_train.scoring import score_file
+
+    setup_logging()
+    options = _scoring_options(args)
+    normalize = read_reward_stats(args.model) if args.normalize else None  # before loading any weight
+    model, tokenizer = _scorer(args)
+    score_file(model, tokenizer, args.data, args.output, normalize=normalize, **options)
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from polar_train.scoring import cmd_eval as run_eval
+    """``polar-train eval --model DIR --data pairs.jsonl --output-dir D``."""
+    from polar_train.reporting import setup_logging
+    from polar_train.scoring import eval_file
 
-    return run_eval(args)
+    setup_logging()
+    options = _scoring_options(args)
+    model, tokenizer = _scorer(args)
+    settings = {"model": str(args.model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "device": str(next(model.parameters()).device), "attention": model.attention}
+    eval_file(model, tokenizer, args.data, args.output_dir, settings=settings, **options)
+    return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

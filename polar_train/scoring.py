@@ -32,7 +32,6 @@ Python use::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -53,7 +52,6 @@ from polar_train.evaluate import (InferenceStats, autocast_to, group_rewards, no
                                   read_reward_stats, reward_stats, write_report)
 from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
-from polar_train.reporting import setup_logging
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 logger = logging.getLogger("polar_train")
@@ -349,7 +347,7 @@ def eval_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, d
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading and the two commands
+# Loading (the two commands are in cli.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -394,42 +392,3 @@ def load_scorer(model_dir: str | os.PathLike[str], *, device: str = "auto", dtyp
     logger.info("model %s on %s in %s, attention %s", model_dir, torch_device, str(torch_dtype).removeprefix("torch."),
                 model.attention)
     return model, tokenizer
-
-
-def _options(args: argparse.Namespace) -> dict[str, int]:
-    for flag, value, least in (("--max-length", args.max_length, 5), ("--max-response-length", args.max_response_length, 1),
-                               ("--max-tokens", args.max_tokens, 1)):
-        if value < least:
-            raise UserError(flag, f"is {value}", f"expected at least {least}")
-    return {"max_length": args.max_length, "max_response_length": args.max_response_length, "max_tokens": args.max_tokens}
-
-
-def scorer_from_args(args: argparse.Namespace) -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
-    """``load_scorer`` for ``score`` / ``eval``, after a header-only check of the model folder (a
-    damaged download is one line naming the file, before any weight loads)."""
-    from polar_train.rundir import check_model_folder
-
-    check_model_folder(args.model, key="--model")
-    return load_scorer(args.model, device=args.device, dtype=args.dtype, attention=args.attention,
-                       trust_remote_code=args.trust_remote_code)
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    """``polar-train score --model DIR --data IN.jsonl --output OUT.jsonl``."""
-    setup_logging()
-    options = _options(args)
-    normalize = read_reward_stats(args.model) if args.normalize else None  # before loading any weight
-    model, tokenizer = scorer_from_args(args)
-    score_file(model, tokenizer, args.data, args.output, normalize=normalize, **options)
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    """``polar-train eval --model DIR --data pairs.jsonl --output-dir D``."""
-    setup_logging()
-    options = _options(args)
-    model, tokenizer = scorer_from_args(args)
-    settings = {"model": str(args.model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                "device": str(next(model.parameters()).device), "attention": model.attention}
-    eval_file(model, tokenizer, args.data, args.output_dir, settings=settings, **options)
-    return 0
