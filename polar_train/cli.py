@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write (reward - mean) / std with the model's reward_stats.json (its training eval)")
     add_inference_args(p)
 
-    p = sub.add_parser("eval", help="accuracy, margins and reward statistics on preference pairs")
+    p = sub.add_parser("eval", help="accuracy, margins and reward statistics on pairs and ranked lists")
     p.add_argument("--model", required=True, help="HF folder of a POLAR reward model")
     p.add_argument("--data", required=True, help="pairs JSONL (prompt, reference, chosen, rejected)")
     p.add_argument("--output-dir", required=True, help="where report.json and the plots go")
@@ -125,7 +125,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``polar-train eval --model DIR --data pairs.jsonl --output-dir D``."""
+    """``polar-train eval --model DIR --data pairs_and_lists.jsonl --output-dir D``."""
     from polar_train.reporting import setup_logging
     from polar_train.scoring import eval_file
 

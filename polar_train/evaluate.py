@@ -299,6 +299,14 @@ def list_report(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> di
 # ---------------------------------------------------------------------------------------------
 
 
+def build_report(rewards: Sequence[Sequence[float]], rows: Sequence[Group], **counts: int) -> dict[str, Any]:
+    """The eval report of training's eval and of ``polar-train eval`` alike (the one builder):
+    ``pair_report`` over every implied pair, ``list_report`` when some row is a list, and
+    ``reward_stats``. ``rewards[g][k]`` is the reward of ``rows[g].seqs[k]``."""
+    chosen, rejected = implied_pairs(rewards, rows)
+    return {**pair_report(chosen, rejected, **counts), **list_report(rewards, rows), "reward_stats": reward_stats(rewards)}
+
+
 def _as_float64(values: Any) -> torch.Tensor:
     return torch.as_tensor(values).detach().to(device="cpu", dtype=torch.float64).reshape(-1)
 

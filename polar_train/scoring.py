@@ -1,4 +1,4 @@
-"""``polar-train score`` and ``polar-train eval``: JSONL rows -> rewards, preference pairs -> a report.
+"""``polar-train score`` and ``polar-train eval``: JSONL rows -> rewards, pairs and lists -> a report.
 
 Two row formats, detected per row:
 
@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,13 +45,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from polar_train.data import WRAPPERS, EncodedCandidates, JsonRow, encode_candidates, flatten_text, read_jsonl_rows
+from polar_train.data import (WRAPPERS, EncodedCandidates, JsonRow, check_rows_read, encode_candidates, flatten_text,
+                              iter_jsonl_rows, read_jsonl_rows)
 from polar_train.engine.protocol import DTYPES, resolve_precision
 from polar_train.errors import UserError
-from polar_train.evaluate import (InferenceStats, autocast_to, group_rewards, normalize_rewards, pair_report,
-                                  read_reward_stats, reward_stats, write_report)
+from polar_train.evaluate import (InferenceStats, autocast_to, build_report, group_rewards, implied_pairs,
+                                  normalize_rewards, read_reward_stats, write_report)
 from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
+from polar_train.ranked import EncodedPreference, Preference, check_preference, encode_preference, preference_of
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 logger = logging.getLogger("polar_train")
@@ -317,33 +319,75 @@ def score_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, 
     return stats
 
 
+def read_preferences(path: str | os.PathLike[str]) -> list[tuple[dict[str, Any], Preference]]:
+    """The pair rows and ranked lists of an eval file (each parsed row and its ``Preference``), read
+    and validated as training reads them."""
+    try:
+        rows = list(iter_jsonl_rows(path, ("prompt",), on_error="raise", check=check_preference))
+        check_rows_read(str(path), len(rows), [], 0)
+    except UserError as error:  # same message; the hint about the training config made fit for the CLI
+        fix = "fix or remove this line" if "data.on_error" in error.fix else error.fix
+        raise UserError(error.where, error.what, fix.replace("check the path in data.train_files / data.eval_files",
+                                                              "check the --data path")) from None
+    return [(row.raw, preference_of(row)) for row in rows]
+
+
 def eval_file(model: InternLM2RewardModel, tokenizer: PreTrainedTokenizerBase, data: str | os.PathLike[str],
               out_dir: str | os.PathLike[str], *, plots: bool = True, progress: bool = True,
-              settings: Mapping[str, Any] | None = None, **options: Any) -> dict[str, Any]:
-    """Evaluate the pair rows of ``data``: ``report.json``, ``rewards.png``, ``margin.png`` and the
-    per-pair rewards ``scored.jsonl`` in ``out_dir``. Returns the report (``pair_report``, plus
-    ``settings``: the data file and the options, with ``settings`` given here on top)."""
-    items = read_rows(data, expect="pair")
-    stats = ScoreStats()
-    scored = score_rows(model, tokenizer, items, progress=progress, stats=stats, **options)
-    kept = [row for row in scored if row["skip_reason"] is None]
+              settings: Mapping[str, Any] | None = None, max_length: int = 16384, max_response_length: int = 4096,
+              max_tokens: int = 16384) -> dict[str, Any]:
+    """Evaluate the pair rows and ranked lists of ``data`` exactly as training's eval does (each row
+    encoded by ``ranked.encode_preference``, one group per row, ``evaluate.build_report``):
+    ``report.json``, ``rewards.png``, ``margin.png`` and the per-row rewards ``scored.jsonl`` in
+    ``out_dir``. Returns the report, plus ``settings``: the data file and the options, with
+    ``settings`` given here on top."""
+    rows = read_preferences(data)
+    config = getattr(model, "config", None)
+    sep_id, reward_id = special_token_ids(tokenizer, getattr(config, "reward_token_id", None))
+    encoded = [encode_preference(tokenizer, pref, max_length=max_length, max_response_length=max_response_length,
+                                 sep_id=sep_id, reward_id=reward_id) for _, pref in rows]
+    kept = [e for e in encoded if e is not None]
     if not kept:
-        raise UserError(data, f"no pair fits max_length ({stats.num_unfit} rows do not fit)", "raise --max-length")
-    chosen = torch.tensor([row["chosen_reward"] for row in kept], dtype=torch.float64)
-    rejected = torch.tensor([row["rejected_reward"] for row in kept], dtype=torch.float64)
-    report = pair_report(chosen, rejected, num_dropped=stats.num_unfit,
-                         num_prompt_truncated=stats.num_prompt_truncated,
-                         num_response_truncated=stats.num_response_truncated)
-    report["reward_stats"] = reward_stats([[row["chosen_reward"], row["rejected_reward"]] for row in kept])  # as training's
-    report["settings"] = {"data": str(data), **{k: v for k, v in options.items() if isinstance(v, (int, float, str))},
-                          **(settings or {})}
-    write_jsonl(scored, Path(out_dir) / SCORED_FILE)
+        raise UserError(data, f"no pair fits max_length ({len(encoded)} rows do not fit)", "raise --max-length")
+    bar = tqdm(total=sum(len(e.seqs) for e in kept), desc="eval", unit="seq", disable=not progress, dynamic_ncols=True)
+    try:
+        rewards = group_rewards(model, [e.seqs for e in kept], max_tokens=max_tokens,
+                                share_max_len=config.share_max_len if config is not None else None,
+                                on_forward=lambda done: bar.update(len(done)))
+    finally:
+        bar.close()
+    counts = {"num_dropped": len(encoded) - len(kept), "num_prompt_truncated": sum(e.prompt_truncated for e in kept),
+              "num_response_truncated": sum(e.response_truncated for e in kept)}
+    report = build_report(rewards, kept, **counts)  # the same builder as training's eval
+    options = {"max_length": max_length, "max_response_length": max_response_length, "max_tokens": max_tokens}
+    report["settings"] = {"data": str(data), **options, **(settings or {})}
+    write_jsonl(_scored_rows(rows, encoded, iter(rewards), max_length), Path(out_dir) / SCORED_FILE)
+    chosen, rejected = implied_pairs(rewards, kept)
     written = write_report(report, out_dir, chosen, rejected, plots=plots)
-    logger.info("eval: %s", stats.summary())
+    logger.info("eval: %d rows, %d do not fit max_length; truncated: %d prompts, %d responses", len(encoded),
+                counts["num_dropped"], counts["num_prompt_truncated"], counts["num_response_truncated"])
     logger.info("eval: %d pairs, accuracy %.4f, mean margin %.4f, reward mean %.4f std %.4f -> %s",
                 report["pairs"], report["accuracy"], report["mean_margin"], report["reward_mean"],
                 report["reward_std"], ", ".join(str(p) for p in written.values()))
     return report
+
+
+def _scored_rows(rows: Sequence[tuple[dict[str, Any], Preference]], encoded: Sequence[EncodedPreference | None],
+                 rewards: Iterator[list[float]], max_length: int) -> Iterator[dict[str, Any]]:
+    """eval's ``scored.jsonl`` rows: a pair row gets ``chosen_reward`` / ``rejected_reward``, a list
+    ``ranked_rewards`` (its candidates' rewards, best first); a row that does not fit nulls."""
+    for (raw, pref), e in zip(rows, encoded):
+        row = dict(raw)
+        values = next(rewards) if e is not None else None
+        if not pref.is_list:
+            row["chosen_reward"] = values[e.better[0]] if values else None
+            row["rejected_reward"] = values[e.worse[0]] if values else None
+        else:
+            row["ranked_rewards"] = [values[k] for k in e.order] if values else None
+        row.update(prompt_truncated=e.prompt_truncated if e else None, response_truncated=e.response_truncated if e else None,
+                   skip_reason=None if e else f"does not fit max_length={max_length}: no implied pair leaves room for "
+                                              "the prompt")
+        yield row
 
 
 # ---------------------------------------------------------------------------------------------

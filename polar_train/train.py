@@ -33,8 +33,7 @@ from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, sa
 from polar_train.config import Config, LossSection
 from polar_train.engine import build_engine, distributed, lr_at
 from polar_train.errors import TrainingError
-from polar_train.evaluate import (Ranks, group_rewards, implied_pairs, list_loss, list_report, pair_report, reward_stats,
-                                  write_report)
+from polar_train.evaluate import Ranks, build_report, group_rewards, implied_pairs, list_loss, write_report
 from polar_train.export import export_hf
 from polar_train.loss import pair_losses, pair_stats, plackett_luce, summarize
 from polar_train.model.build import ModelSource
@@ -105,8 +104,7 @@ def run(cfg: Config) -> dict[str, float]:
             metrics = eval_metrics(chosen, rejected, losses_of)
             if cfg.loss.kind == "listwise":
                 metrics["loss"] = list_loss(rewards, rows)
-            state.eval_report = {**pair_report(chosen, rejected, **eval_set.counts), **list_report(rewards, rows),
-                                 "reward_stats": reward_stats(rewards)}
+            state.eval_report = build_report(rewards, rows, **eval_set.counts)
             if dist.rank == 0:  # eval/step-N/report.json; the final one, with its plots, next to hf/
                 final = step == total_steps
                 write_report(state.eval_report, out / "eval" / ("final" if final else f"step-{step}"),

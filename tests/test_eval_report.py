@@ -143,5 +143,5 @@ def test_eval_rejects_client_rows(exported_model, tmp_path, capsys):
     data.write_text(json.dumps({"prompt": "a", "reference": "b", "output": "c"}) + "\n")
     code = main(["eval", "--model", str(exported_model), "--data", str(data), "--output-dir", str(tmp_path / "e")])
     assert code == 2
-    assert "client.jsonl:1: a client row where pair rows are expected" in capsys.readouterr().err
+    assert "client.jsonl:1: field 'chosen' is missing; expected a string or a list of messages" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
