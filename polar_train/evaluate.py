@@ -42,6 +42,7 @@ from polar_train.errors import UserError
 from polar_train.files import write_atomically, write_text
 from polar_train.model.card import REWARD_STATS
 from polar_train.packing import Group, best_fit_decreasing, group_cost, layout_groups
+from polar_train.ranks import Ranks
 
 PERCENTILES = (5, 25, 50, 75, 95)
 REPORT_FILE = "report.json"
@@ -96,20 +97,6 @@ class InferenceStats:
     num_over_budget: int = 0  # sequences longer than max_tokens, each run alone
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """The processes that share one ``group_rewards`` call (training's eval under torchrun).
-
-    Every rank runs the same number of forwards (ZeRO-3 gathers parameters in lockstep; a rank
-    short of work repeats a small forward and discards it), and one ``all_reduce_sum`` gathers
-    the rewards, so every rank returns all of them.
-    """
-
-    rank: int = 0
-    world_size: int = 1
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
 @torch.no_grad()
 def group_rewards(
     model: torch.nn.Module,
@@ -120,7 +107,7 @@ def group_rewards(
     share_max_len: int | None = None,
     device: torch.device | str | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ranks: Ranks = Ranks(),
+    ranks: Ranks | None = None,
     on_forward: Callable[[list[tuple[int, int]]], None] | None = None,
     stats: InferenceStats | None = None,
 ) -> list[list[float]]:
@@ -129,7 +116,10 @@ def group_rewards(
     ``share_max_len``: share a prefix only within groups whose sequences are all at most this
     long (dynamic RoPE scaling, ``ModelConfig.share_max_len``). ``device`` defaults to the
     model's. ``autocast`` makes the context each forward runs in (bf16 autocast for fp32
-    weights). ``ranks``: split the forwards over processes (see ``Ranks``). ``on_forward`` is
+    weights). ``ranks``: split the forwards over processes (training's ``dist``; None = one process):
+    every rank runs the same number of forwards (ZeRO-3 gathers parameters in lockstep; a rank
+    short of work repeats a small forward and discards it), and one ``all_reduce_sum`` gathers
+    the rewards, so every rank returns all of them. ``on_forward`` is
     called after each forward with the ``(group, index)`` pairs it scored (progress bars).
     ``stats``, when given, is filled in (this rank's forwards).
     """
@@ -155,8 +145,9 @@ def group_rewards(
     for seqs in groups:
         offsets.append(offsets[-1] + len(seqs))
     flat = torch.zeros(offsets[-1], device=device)  # [S] this rank's rewards, zeros elsewhere
-    num_forwards = -(-len(bins) // ranks.world_size)  # the same on every rank
-    mine = bins[ranks.rank::ranks.world_size]
+    rank, world_size = (ranks.rank, ranks.world_size) if ranks is not None else (0, 1)
+    num_forwards = -(-len(bins) // world_size)  # the same on every rank
+    mine = bins[rank::world_size]
     filler = [min(range(len(units)), key=costs.__getitem__)] if units else []  # the cheapest unit, discarded
 
     was_training = model.training
@@ -180,7 +171,7 @@ def group_rewards(
                 on_forward(done)
     finally:
         model.train(was_training)
-    if ranks.world_size > 1 and ranks.all_reduce_sum is not None:
+    if ranks is not None and world_size > 1:
         flat = ranks.all_reduce_sum(flat)
     values = flat.cpu().tolist()  # one host sync for the whole call, deliberate
     return [values[offsets[g]:offsets[g + 1]] for g in range(len(groups))]
@@ -202,7 +193,7 @@ def pair_rewards(
     share_max_len: int | None = None,
     device: torch.device | str = "cpu",
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ranks: Ranks = Ranks(),
+    ranks: Ranks | None = None,
     progress=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of every pair's chosen and rejected candidate, in input order: ([N], [N]) fp32.

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,6 +49,7 @@ from polar_train.errors import UserError
 from polar_train.files import fsync_tree, temporary_name
 from polar_train.packing import Group, GroupLengths, shared_prefix_length
 from polar_train.ranked import check_preference, encode_preference, preference_of
+from polar_train.ranks import Ranks
 from polar_train.tokenizer import special_token_ids
 
 logger = logging.getLogger("polar_train")
@@ -60,16 +61,6 @@ SCHEMA = pa.schema([
 ])
 _ID_COLUMNS = ("seqs", "better", "worse", "order")
 _BATCH_ROWS = 1024  # rows a tokenizing process holds before writing them out as one record batch
-
-
-class Ranks(Protocol):
-    """What the build needs of the process group (``engine.Dist`` has it): no torch.distributed here."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, sa
 from polar_train.config import Config, LossSection
 from polar_train.engine import build_engine, distributed, lr_at
 from polar_train.errors import TrainingError
-from polar_train.evaluate import Ranks, build_report, group_rewards, implied_pairs, list_loss, write_report
+from polar_train.evaluate import build_report, group_rewards, implied_pairs, list_loss, write_report
 from polar_train.export import export_hf
 from polar_train.loss import pair_losses, pair_stats, plackett_luce, summarize
 from polar_train.model.build import ModelSource
@@ -99,7 +99,7 @@ def run(cfg: Config) -> dict[str, float]:
             rewards = group_rewards(engine.model, [g.seqs for g in rows], max_tokens=cfg.data.max_tokens,
                                     shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len,
                                     device=dist.device, autocast=engine.autocast,
-                                    ranks=Ranks(dist.rank, dist.world_size, engine.all_reduce_sum))  # per row, per sequence
+                                    ranks=dist)  # per row, per sequence
             chosen, rejected = implied_pairs(rewards, rows)  # [P] each
             metrics = eval_metrics(chosen, rejected, losses_of)
             if cfg.loss.kind == "listwise":

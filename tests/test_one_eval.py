@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from polar_train.cli import main
-from polar_train.evaluate import Ranks, pair_rewards
+from polar_train.evaluate import pair_rewards
 from polar_train.train import run
 
 from test_resume import WORDS, in_process_config, make_run_folder, one_thread  # noqa: F401  (one_thread: autouse)
@@ -59,6 +59,17 @@ def test_training_eval_equals_polar_train_eval_on_the_export(tmp_path: Path, cap
     assert [len(r["ranked_rewards"]) for r in scored if "ranked_rewards" in r] == ([3, 4, 3, 4] if lists else [])
 
 
+class TwoRanks:
+    """A ``ranks.Ranks`` of two processes whose all-reduce records this rank's share."""
+
+    def __init__(self, rank: int, shares: list[torch.Tensor]):
+        self.rank, self.world_size, self.device, self.shares = rank, 2, torch.device("cpu"), shares
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.shares.append(tensor.clone())
+        return tensor
+
+
 def test_pair_rewards_split_over_ranks_equal_one_process(sharp_tiny_model) -> None:
     """Each rank scores its share of the forwards and runs as many forwards as the other (ZeRO-3
     lockstep); the all-reduce then gives every rank all rewards, equal to one process's."""
@@ -69,7 +80,7 @@ def test_pair_rewards_split_over_ranks_equal_one_process(sharp_tiny_model) -> No
     for rank in (0, 1):
         calls: list[int] = []
         hook = model.register_forward_hook(lambda *_: calls.append(1))
-        pair_rewards(model, pairs, max_tokens=16, ranks=Ranks(rank, 2, lambda t: shares.append(t.clone()) or t))
+        pair_rewards(model, pairs, max_tokens=16, ranks=TwoRanks(rank, shares))
         hook.remove()
         forwards.append(len(calls))
     assert forwards[0] == forwards[1] >= 2
