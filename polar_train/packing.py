@@ -10,7 +10,7 @@ Two pairs packed into one micro-batch, pair 0 with a shared prefix, pair 1 witho
     position_ids  [ 0 1 2 3 4 5 4 5 | 0 1 2 0 1 2 ]
     sequences       <-- s0 --->     | <s2-> <s3->       s1 = the two r tokens, whose keys are
     key_index       s0: 0..5, s1: 0 1 2 3 6 7, s2: 8 9 10, s3: 11 12 13
-    chosen_index  [5, 10]  rejected_index [7, 13]   (the reward token ends every candidate)
+    seq_index     [5, 7, 10, 13]  better [0, 2]  worse [1, 3]   (the reward token ends every candidate)
 
 The rejected suffix is a sequence whose queries are its own tokens and whose keys are the
 prefix followed by itself, causal bottom-right, positions continuing after the prefix: it is
@@ -218,18 +218,6 @@ class MicroBatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
-
-    @property
-    def chosen_index(self) -> torch.Tensor:  # [P] flat index of each pair's better reward token
-        return self.seq_index[self.better]
-
-    @property
-    def rejected_index(self) -> torch.Tensor:  # [P]
-        return self.seq_index[self.worse]
-
-    @property
-    def reward_index(self) -> torch.Tensor:  # [2P]: chosen rewards first, then rejected (pair by pair)
-        return torch.cat([self.chosen_index, self.rejected_index])
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         moved = {name: getattr(self, name).to(device) for name in

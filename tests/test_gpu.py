@@ -55,7 +55,7 @@ def test_varlen_backends_match_sdpa_in_bf16(shared):
     def rewards_and_grads(backend: str):
         model.attention = backend
         model.zero_grad(set_to_none=True)
-        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()
+        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index[torch.cat([mb.better, mb.worse])]).float()
         chosen, rejected = rewards.chunk(2)
         pair_losses(chosen, rejected).mean().backward()
         return rewards.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()}

@@ -49,7 +49,7 @@ def test_packed_rewards_equal_each_sequence_alone(model, shared):
     pairs = make_pairs(12)
     mb = build_micro_batch(pairs, shared_prefix=shared)
     with torch.no_grad():
-        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index)
+        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index[torch.cat([mb.better, mb.worse])])
         expected = torch.stack([alone(model, c) for c, _ in pairs] + [alone(model, r) for _, r in pairs])
     assert torch.allclose(rewards, expected, atol=1e-5, rtol=0)
     if shared:
@@ -59,7 +59,7 @@ def test_packed_rewards_equal_each_sequence_alone(model, shared):
 def grads_of(model, batches, n_pairs):
     model.zero_grad(set_to_none=True)
     for mb in batches:
-        chosen, rejected = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).chunk(2)
+        chosen, rejected = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index[torch.cat([mb.better, mb.worse])]).chunk(2)
         (pair_losses(chosen, rejected).sum() / n_pairs).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -88,7 +88,7 @@ def test_changing_one_pair_leaves_the_others_unchanged(model):
 
 
 def _inputs(mb):
-    return mb.input_ids, mb.position_ids, mb.meta, mb.reward_index
+    return mb.input_ids, mb.position_ids, mb.meta, mb.seq_index[torch.cat([mb.better, mb.worse])]
 
 
 def polar_like_pairs(n, seed=0):

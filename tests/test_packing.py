@@ -34,7 +34,7 @@ def test_shared_layout_matches_the_module_diagram():
     assert mb.meta.cu_seqlens_q.tolist() == [0, 6, 8, 11, 14]
     assert mb.meta.cu_seqlens_k.tolist() == [0, 6, 12, 15, 18]
     assert mb.meta.key_index.tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13]
-    assert mb.chosen_index.tolist() == [5, 10] and mb.rejected_index.tolist() == [7, 13]
+    assert mb.seq_index[mb.better].tolist() == [5, 10] and mb.seq_index[mb.worse].tolist() == [7, 13]
     assert mb.meta.seq_len_per_token.tolist() == [6] * 6 + [6] * 2 + [3] * 3 + [3] * 3
     assert (mb.meta.max_seqlen_q, mb.meta.max_seqlen_k) == (6, 6)
     assert not mb.meta.keys_are_queries
@@ -47,7 +47,7 @@ def test_plain_layout_restarts_positions_per_sequence():
     assert mb.position_ids.tolist() == [0, 1, 2, 3, 4, 5] * 2 + [0, 1, 2] * 2
     assert mb.meta.key_index.tolist() == list(range(18))
     assert mb.meta.keys_are_queries  # the CUDA backends skip the key gather
-    assert mb.chosen_index.tolist() == [5, 14] and mb.rejected_index.tolist() == [11, 17]
+    assert mb.seq_index[mb.better].tolist() == [5, 14] and mb.seq_index[mb.worse].tolist() == [11, 17]
 
 
 def test_identical_candidates_keep_one_token_each():
@@ -55,7 +55,7 @@ def test_identical_candidates_keep_one_token_each():
     mb = build_micro_batch([([1, 2, 9], [1, 2, 9])], shared_prefix=True)
     assert mb.input_ids.tolist() == [1, 2, 9, 9]
     assert mb.position_ids.tolist() == [0, 1, 2, 2]
-    assert mb.chosen_index.tolist() == [2] and mb.rejected_index.tolist() == [3]
+    assert mb.seq_index[mb.better].tolist() == [2] and mb.seq_index[mb.worse].tolist() == [3]
 
 
 def test_dynamic_rope_limit_disables_sharing_for_long_pairs():

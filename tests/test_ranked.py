@@ -212,12 +212,12 @@ def test_the_loss_and_gradients_of_a_list_equal_those_of_its_expanded_pairs(mode
 
 
 def test_pair_rows_reproduce_todays_loss(model) -> None:
-    """Today's path: rewards at reward_index [2P], chunk(2), pair_losses; the K=2 case of the new one."""
+    """The old path: rewards of every better then every worse sequence [2P], chunk(2), pair_losses; the K=2 case of the new one."""
     pairs = [(g.seqs[0], g.seqs[1]) for g in random_lists(5, 2, seed=3)]
     mb = build_micro_batch(pairs, shared_prefix=True)
     loss = LossSection(kind="focal", penalty="L2")
     with torch.no_grad():
-        chosen, rejected = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float().chunk(2)
+        chosen, rejected = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index[torch.cat([mb.better, mb.worse])]).float().chunk(2)
         today = pair_losses(chosen, rejected, loss="focal", penalty="L2", penalty_weight=loss.penalty_weight)
         rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index).float()  # [2P]: c0 r0 c1 r1 ...
         now = batch_loss(loss, loss_function(loss), rewards, mb)

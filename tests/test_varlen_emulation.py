@@ -185,7 +185,7 @@ def rewards_and_grads(model, mb: MicroBatch, backend: str):
     model.attention = backend
     model.zero_grad(set_to_none=True)
     try:
-        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index)
+        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index[torch.cat([mb.better, mb.worse])])
     finally:
         model.attention = "sdpa"
     chosen, rejected = rewards.chunk(2)
