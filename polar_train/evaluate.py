@@ -16,12 +16,13 @@ This is the one inference path: ``polar-train score`` and ``eval`` (scoring.py) 
 own eval (train.py, each rank running its share of the forwards: ``Ranks``) all come here, so
 training's eval and ``polar-train eval`` give the same figures on the same data and model.
 
-Report: ``pair_report(chosen, rejected, **counts)`` turns pair rewards into the figures a user
-(and the trainer at its eval steps) wants; ``write_report`` writes ``report.json`` and two PNG
-plots. Example::
+Report: ``build_report(rewards, rows, **counts)`` turns the rewards of rows (pairs and lists)
+into the figures a user (and the trainer at its eval steps) wants; ``write_report`` writes
+``report.json`` and two PNG plots. Example::
 
-    chosen, rejected = pair_rewards(model, pairs, max_tokens=16384)
-    report = pair_report(chosen, rejected, num_dropped=3)
+    rewards = group_rewards(model, [row.seqs for row in rows], max_tokens=16384)
+    report = build_report(rewards, rows, num_dropped=3)
+    chosen, rejected = implied_pairs(rewards, rows)  # [P] each
     write_report(report, "runs/x/eval", chosen, rejected)
 """
 
@@ -182,37 +183,6 @@ def autocast_to(dtype: torch.dtype | None, device: torch.device | str) -> Callab
     if dtype is None:
         return None
     return lambda: torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-def pair_rewards(
-    model: torch.nn.Module,
-    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-    *,
-    max_tokens: int,
-    shared_prefix: bool = True,
-    share_max_len: int | None = None,
-    device: torch.device | str = "cpu",
-    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
-    ranks: Ranks | None = None,
-    progress=None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of every pair's chosen and rejected candidate, in input order: ([N], [N]) fp32.
-
-    Each pair is a group of two (see ``group_rewards``): a pair longer than ``max_tokens`` runs
-    its chosen and rejected apart, and a sequence longer than ``max_tokens`` alone. ``progress``
-    (a tqdm bar) advances by one per pair scored. Training's eval and ``polar-train eval`` both
-    come here.
-    """
-
-    def advance(done: list[tuple[int, int]]) -> None:
-        if progress is not None:
-            progress.update(sum(k == 1 for _, k in done))  # a pair is done with its rejected
-
-    rewards = group_rewards(model, pairs, max_tokens=max_tokens, shared_prefix=shared_prefix,
-                            share_max_len=share_max_len, device=device, autocast=autocast, ranks=ranks,
-                            on_forward=advance)
-    both = torch.tensor(rewards, dtype=torch.float32).reshape(len(pairs), 2)  # [N, 2]
-    return both[:, 0].clone(), both[:, 1].clone()
 
 
 def implied_pairs(rewards: Sequence[Sequence[float]], rows: Sequence[Group]) -> tuple[torch.Tensor, torch.Tensor]:

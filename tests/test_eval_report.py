@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from polar_train.cli import main
-from polar_train.evaluate import pair_report, pair_rewards, reward_summary, write_report
+from polar_train.evaluate import group_rewards, implied_pairs, pair_report, reward_summary, write_report
 from polar_train.model import InternLM2RewardModel, ModelConfig, VarlenMeta, save_model
+from polar_train.packing import Group
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LONG = "The answer is 12. " * 8
@@ -23,6 +24,11 @@ PAIRS = [
     {"prompt": "What is 7 + 5?", "reference": "12", "chosen": "12", "rejected": LONG},  # response cut
     {"prompt": "What is 7 + 5?", "reference": LONG, "chosen": LONG, "rejected": "12"},  # does not fit
 ]
+
+
+def pair_rewards(model, pairs, **options):
+    """([N], [N]) rewards of (chosen ids, rejected ids) pairs, each pair one group of two."""
+    return implied_pairs(group_rewards(model, pairs, **options), [Group.pair(c, r) for c, r in pairs])
 
 
 def test_pair_report_figures():

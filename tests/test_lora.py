@@ -19,7 +19,6 @@ from polar_train.cli import main as cli_main
 from polar_train.config import load_config, resumable_keys
 from polar_train.engine import build_engine
 from polar_train.engine.dist import Dist
-from polar_train.evaluate import pair_rewards
 from polar_train.export import convert
 from polar_train.model import load_model
 from polar_train.model.build import ModelSource
@@ -33,6 +32,7 @@ from test_resume import (  # noqa: F401
     start_training, train, train_losses, wait_for,
 )
 from test_train_e2e import demo_config, metrics
+from test_eval_report import pair_rewards
 
 LORA = ["model.lora.rank=4", "model.lora.alpha=8", "train.save_steps=3", "train.eval_steps=3"]
 

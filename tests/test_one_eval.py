@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from polar_train.cli import main
-from polar_train.evaluate import pair_rewards
 from polar_train.train import run
 
 from test_resume import WORDS, in_process_config, make_run_folder, one_thread  # noqa: F401  (one_thread: autouse)
+from test_eval_report import pair_rewards
 
 MAX_TOKENS = 40  # below the longest eval pairs: those run their chosen and rejected apart, in both
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from polar_train.config import load_config
-from polar_train.evaluate import pair_rewards
 from polar_train.model import load_model
 from polar_train.store import load_pair_store
 from polar_train.tokenizer import load_tokenizer
 from polar_train.train import run
+
+from test_eval_report import pair_rewards
 
 REPO = Path(__file__).resolve().parents[1]
 
