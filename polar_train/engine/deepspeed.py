@@ -154,10 +154,6 @@ class DeepSpeedEngine:
     def autocast(self) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()  # DeepSpeed keeps the parameters in bf16 / fp16 itself
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 

@@ -61,7 +61,7 @@ class NamedState(Protocol):
 class Engine(Protocol):
     """What the training loop and checkpoint.py need of an engine."""
 
-    model: torch.nn.Module  # model(input_ids, position_ids, meta, reward_index) -> rewards [2P]
+    model: torch.nn.Module  # model(input_ids [T], position_ids [T], meta, seq_index [S]) -> rewards [S]
     rank: int
     world_size: int
     device: torch.device
@@ -80,9 +80,6 @@ class Engine(Protocol):
 
     def set_lr(self, lr: float) -> None:
         """Write the LR of the coming step into the optimizer's param groups."""
-
-    @property
-    def lr(self) -> float: ...
 
     def step(self) -> StepResult:
         """Clip and update, or skip a non-finite update."""

@@ -40,10 +40,6 @@ class TorchEngine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
     def set_lr(self, lr: float) -> None:
         set_lr(self.optimizer, lr)
 
