@@ -232,7 +232,7 @@ def test_a_deepspeed_without_an_internal_we_use_is_refused_with_one_line(monkeyp
     pytest.importorskip("deepspeed")
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from polar_train.engine.deepspeed import import_deepspeed
+    from polar_train.engine.deepspeed_compat import import_deepspeed
     from polar_train.engine.deepspeed_compat import SUPPORTED, check_deepspeed, internal
 
     import_deepspeed()

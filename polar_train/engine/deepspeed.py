@@ -20,43 +20,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from polar_train.config import Config, DeepSpeedSection, OptimizerSection
 import polar_train.engine.deepspeed_compat as compat
+from polar_train.engine.deepspeed_compat import import_deepspeed
+from polar_train.engine.dist import Dist
 from polar_train.adapters import is_lora_param
 from polar_train.engine.optim import adam_state, adam_step, adamw_settings, build_optimizer, set_lr
 from polar_train.engine.protocol import ADAM_MOMENTS, DTYPES, NamedState, StepResult
 from polar_train.errors import TrainingError
 from polar_train.model.build import ModelSource
 
-if TYPE_CHECKING:  # dist.py imports this module (init_distributed) when it starts a group
-    from polar_train.engine.dist import Dist
-
 log = logging.getLogger("polar_train")
-
-
-def import_deepspeed() -> Any:
-    """``import deepspeed`` with its accelerator named (no auto-detect warning) and its logs quiet."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    # DeepSpeed calls torch.distributed functions that newer torch deprecates, once per collective
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
-    return deepspeed
-
-
-def init_distributed(backend: str, timeout: timedelta) -> None:
-    import_deepspeed().init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
 def deepspeed_config(settings: OptimizerSection, ds: DeepSpeedSection, world_size: int, precision: str) -> dict:

@@ -22,6 +22,9 @@ supported range, instead of failing (or silently training differently) mid-run.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -47,6 +50,22 @@ REQUIRED = (
     ("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "loss_scale"),
     ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "loss_scale"),
 )
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` with its accelerator named (no auto-detect warning) and its logs quiet."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # DeepSpeed calls torch.distributed functions that newer torch deprecates, once per collective
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    return deepspeed
+
+
+def init_distributed(backend: str, timeout: timedelta) -> None:
+    import_deepspeed().init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 
 def missing(what: str) -> UserError:

@@ -97,7 +97,7 @@ def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
                             "set deepspeed.enabled=true: several processes train through DeepSpeed only")
         yield Dist(device=torch.device("cuda") if cuda else torch.device("cpu"))
         return
-    from polar_train.engine.deepspeed import init_distributed
+    from polar_train.engine.deepspeed_compat import init_distributed
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if "RANK" not in os.environ:  # `polar-train train` alone: a world of one on a free local port
