@@ -38,7 +38,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping
@@ -56,7 +55,7 @@ from polar_train.engine.dist import Dist
 from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
 from polar_train.engine.schedule import lr_at
 from polar_train.errors import TrainingError, UserError
-from polar_train.files import fsync_dir, fsync_tree, write_text
+from polar_train.files import fsync_tree, publish_dir, write_text
 from polar_train.model import hf
 from polar_train.model.build import ModelSource, export_dtype
 from polar_train.rng import rng_state, seed_rng, set_rng_state
@@ -133,10 +132,7 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
         raise failed(error or OSError(errno.EIO, "another rank failed to write its part"))
     if dist.rank == 0:
         try:
-            if final.exists():  # an incomplete leftover of an interrupted run
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(root)
+            publish_dir(tmp, final, synced=True)  # replaces an incomplete leftover of an interrupted run
             write_text(final / COMPLETE, json.dumps({"step": state.step}) + "\n")  # atomic, fsynced
             _prune(root, cfg.checkpoint.save_total_limit)
         except OSError as e:

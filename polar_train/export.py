@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ from polar_train.checkpoint import MODEL_FILES, CheckpointState, check_checkpoin
 from polar_train.config import Config, to_dict
 from polar_train.engine.protocol import Engine
 from polar_train.errors import UserError
-from polar_train.files import fsync_tree, temporary_name
+from polar_train.files import publish_dir, temporary_name
 from polar_train.model import ModelConfig, save_state_dict
 from polar_train.model.build import ModelSource, export_dtype
 from polar_train.model.hf import expected_shapes
@@ -70,11 +68,7 @@ def save_adapter(trained: Mapping[str, torch.Tensor], lora: LoraSection, out_dir
     tensors = {peft_name(name): t.detach().float().cpu().contiguous() for name, t in trained.items()}
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(peft_config(lora, base_model), indent=2) + "\n", encoding="utf-8")
-    fsync_tree(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return publish_dir(tmp, out_dir)
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB") -> Path:

@@ -7,11 +7,15 @@ in different pid namespaces (containers of a multi-node job) may share a pid.
 
     write_text("runs/x/config.yaml", yaml.safe_dump(cfg))
     write_atomically(Path("plot.png"), lambda tmp: fig.savefig(tmp, format="png"))
+
+A folder (an HF export, a checkpoint, a cache entry) is written in full under a temporary name
+next to its place, then ``publish_dir(tmp, final)`` fsyncs it and renames it into place.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -76,3 +80,27 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
         for name in names:
             fsync_file(Path(folder) / name)
         fsync_dir(folder)
+
+
+def publish_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str], *, replace: bool = True,
+                synced: bool = False) -> Path:
+    """Make the folder ``tmp`` (written in full, on ``final``'s file system) appear as ``final`` in
+    one rename: fsync everything under it (skipped when ``synced``: the caller did, e.g. one rank
+    per machine), rename, fsync the parent folder; returns ``final``.
+
+    ``replace``: an existing ``final`` is renamed aside first and removed after, so a crash leaves
+    the old or the new folder whole, never half of one. ``replace=False``: an existing non-empty
+    ``final`` raises ``OSError`` (another writer got there first) and ``tmp`` is left to the caller.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if not synced:
+        fsync_tree(tmp)
+    if replace and final.exists():
+        old = temporary_name(final.with_name(f"{final.name}.old"))
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    fsync_dir(final.parent)
+    return final

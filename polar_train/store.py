@@ -46,7 +46,7 @@ from transformers import PreTrainedTokenizerBase
 from polar_train.cache_key import dataset_cache_key
 from polar_train.data import DataStats, OnError, SkippedRow, check_rows_read, iter_jsonl_rows
 from polar_train.errors import UserError
-from polar_train.files import fsync_tree, temporary_name
+from polar_train.files import publish_dir, temporary_name
 from polar_train.packing import Group, GroupLengths, shared_prefix_length
 from polar_train.ranked import check_preference, encode_preference, preference_of
 from polar_train.ranks import Ranks
@@ -408,8 +408,7 @@ def _publish(folder: Path, stats: DataStats, final_dir: Path) -> None:
         for path in folder.glob("rank-*.json"):
             path.unlink()
         (folder / "stats.json").write_text(json.dumps(stats.as_dict(max_skipped=None), indent=1))
-        fsync_tree(folder)  # a power loss after the rename must not leave a half-written cache
-        os.rename(folder, final_dir)
+        publish_dir(folder, final_dir, replace=False)  # fsynced: a power loss must not leave half a cache
         logger.info("data: tokenized pairs cached in %s", final_dir)
     except OSError as error:
         if not (final_dir / "stats.json").is_file():  # not "another process got there first"

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from polar_train.errors import UserError
-from polar_train.files import fsync_tree, temporary_name
+from polar_train.files import publish_dir, temporary_name
 from polar_train.model.attention import resolve_attention
 from polar_train.model.card import MODEL_CARD, REWARD_STATS, TRAINING_CONFIG, model_card, training_config_yaml
 from polar_train.model.internlm2 import InternLM2RewardModel, ModelConfig
@@ -325,15 +325,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
         (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
         if eval_report is not None and isinstance(eval_report.get("reward_stats"), Mapping):
             (tmp / REWARD_STATS).write_text(json.dumps(dict(eval_report["reward_stats"]), indent=2) + "\n", encoding="utf-8")
-        fsync_tree(tmp)
-        # Swap in: a crash before this point leaves any previous export untouched.
-        if out_dir.exists():
-            old = temporary_name(out_dir.parent / f"{out_dir.name}.old")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir)  # a crash before this point leaves any previous export untouched
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
