@@ -75,7 +75,8 @@ def run(cfg: Config) -> dict[str, float]:
                               num_ranks=dist.world_size, seed=cfg.seed)
         total_steps = cfg.train.max_steps or cfg.train.epochs * planner.steps_per_epoch
         # a LoRA checkpoint holds the trainable parameters only: the frozen base comes from the source
-        engine = build_engine(cfg, dist, source, load_weights=resume_from is None or cfg.model.lora.enabled)
+        engine = build_engine(dist, source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
+                              engine=cfg.engine, load_weights=resume_from is None or cfg.model.lora.enabled)
         if resume_from:
             state = load_checkpoint(engine, dist, resume_from, out, total_steps, cfg.optimizer.lr, cfg.schedule)
         else:

@@ -88,7 +88,8 @@ def test_only_the_adapters_and_v_head_train_and_the_base_stays_in_the_compute_dt
     cfg = in_process_config(run_folder, "unused", "model.lora.rank=4", "model.lora.target_modules=[wqkv,w2]",
                             "train.precision=bf16")
     source = ModelSource.from_config(cfg.model, cfg.seed)
-    engine = build_engine(cfg, Dist(device=torch.device("cpu")), source)
+    engine = build_engine(Dist(device=torch.device("cpu")), source,
+        model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed, engine=cfg.engine)
     trainable = {n for n, p in engine.model.named_parameters() if p.requires_grad}
     assert trainable == {"v_head.weight"} | {f"model.layers.{i}.{m}.lora_{x}" for i in (0, 1)
                                              for m in ("attention.wqkv", "feed_forward.w2") for x in "AB"}

@@ -51,7 +51,8 @@ configs = [load_config("cfg.yaml", [f"output_dir={out}", "deepspeed.enabled=true
 with distributed(configs[0].deepspeed) as dist:
     for (ckpt, out, _), cfg in zip(specs, configs):
         source = ModelSource.from_config(cfg.model, cfg.seed)
-        engine = build_engine(cfg, dist, source, load_weights=False)
+        engine = build_engine(dist, source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
+                              engine=cfg.engine, load_weights=False)
         Path(out).mkdir(exist_ok=True)
         state = load_checkpoint(engine, dist, Path(ckpt), Path(out), 6, cfg.optimizer.lr, cfg.schedule)
         save_checkpoint(engine, dist, Path(out), state, cfg, source)
@@ -166,7 +167,8 @@ def test_every_engine_holds_the_checkpoint_exactly(runs: Path, tmp_path: Path) -
 
     cfg = in_process_config(runs, "unused")  # the one-process engine, in this process
     source = ModelSource.from_config(cfg.model, cfg.seed)
-    engine = build_engine(cfg, Dist(), source, load_weights=False)
+    engine = build_engine(Dist(), source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
+                          engine=cfg.engine, load_weights=False)
     engine.load_named_state(portable(zero2))
     saved = save_checkpoint(engine, Dist(), tmp_path, TrainerState(step=3, total_steps=6), cfg, source)
     assert read_meta(saved)["engine"] == "torch"

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from polar_train.config import Config, DeepSpeedSection, OptimizerSection
+from polar_train.config import DeepSpeedSection, ModelSection, OptimizerSection
 import polar_train.engine.deepspeed_compat as compat
 from polar_train.engine.deepspeed_compat import import_deepspeed
 from polar_train.engine.dist import Dist
@@ -75,35 +75,36 @@ class DeepSpeedEngine:
 
     kind = "deepspeed"
 
-    def __init__(self, cfg: Config, dist: Dist, source: ModelSource, precision: str, *, load_weights: bool):
+    def __init__(self, dist: Dist, source: ModelSource, precision: str, *, model: ModelSection,
+                 optimizer: OptimizerSection, deepspeed: DeepSpeedSection, load_weights: bool):
+        ds, settings, model_section = deepspeed, optimizer, model
         deepspeed = import_deepspeed()
         compat.check_deepspeed()
-        ds = cfg.deepspeed
         self.rank, self.world_size, self.device = dist.rank, dist.world_size, dist.device
         self.precision, self.zero_stage = precision, ds.zero_stage
         self.offload_optimizer, self.offload_params = ds.offload_optimizer, ds.offload_params
         self.dist = dist
         dtype = DTYPES[precision]  # DeepSpeed keeps the parameters in it (fp32 masters in the optimizer)
-        ds_config = deepspeed_config(cfg.optimizer, ds, dist.world_size, precision)
+        ds_config = deepspeed_config(settings, ds, dist.world_size, precision)
         if ds.zero_stage == 3:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
-                model = source.build(cfg.model, dist.device, dtype, dtype, partitioned=True)
+                model = source.build(model_section, dist.device, dtype, dtype, partitioned=True)
             if load_weights:
                 load_partitioned(model, source, dist.rank)
             # forward reads v_head.weight directly (F.linear in fp32), not through v_head's forward:
             # tell ZeRO-3 to gather it with the top module
             deepspeed.zero.register_external_parameter(model, model.v_head.weight)
         else:
-            model = source.build(cfg.model, dist.device, dtype, dtype, load_weights=load_weights)
+            model = source.build(model_section, dist.device, dtype, dtype, load_weights=load_weights)
         trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: a frozen base has no master, no state
         # DeepSpeed points this optimizer's param groups at its fp32 masters (ZeRO: flat partitions);
         # set_lr writes into them, which is what ZeRO's optimizer steps with
         if ds.offload_optimizer:  # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (compiles once)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adamw_settings(cfg.optimizer))
+            self.optimizer = DeepSpeedCPUAdam(trainable, adamw_mode=True, **adamw_settings(settings))
         else:
-            self.optimizer = build_optimizer(trainable, cfg.optimizer)
+            self.optimizer = build_optimizer(trainable, settings)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config)
         self.scale_loss_here = compat.fp16_zero0_scales_loss(self.engine, precision)
         self.undo_phantom_step()
