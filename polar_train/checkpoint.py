@@ -49,11 +49,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from polar_train.adapters import check_resume_lora, lora_settings
-from polar_train.config import Config, ScheduleSection, save_config
+from polar_train.adapters import LoraSection, check_resume_lora, lora_settings
+from polar_train.config import CheckpointSection, save_config
 from polar_train.engine.dist import Dist
 from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
-from polar_train.engine.schedule import lr_at
 from polar_train.errors import TrainingError, UserError
 from polar_train.files import fsync_tree, publish_dir, write_text
 from polar_train.model import hf
@@ -87,9 +86,10 @@ class TrainerState:
 # --- saving ----------------------------------------------------------------------------------
 
 
-def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, cfg: Config,
-                    source: ModelSource) -> Path:
+def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, source: ModelSource, *,
+                    checkpoint: CheckpointSection, lora: LoraSection, config: Mapping[str, Any]) -> Path:
     """Write ``out/checkpoints/step-N`` (every rank calls this) and prune old ones; returns the path.
+    ``config``: the run's config as a plain mapping (``config.to_dict``), saved as its config.yaml.
 
     A failed write (disk full, permissions) removes the partial folder and raises a
     ``TrainingError`` naming the checkpoint that stays the latest.
@@ -122,7 +122,7 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
                 shards.add(name, tensors)
         save_file(rng_state(), str(tmp / "rng" / f"rank-{dist.rank:05d}.safetensors"))
         if shards is not None:
-            _write_run_files(tmp, out, state, cfg, source, engine, shards.close())
+            _write_run_files(tmp, out, state, checkpoint, lora, config, source, engine, shards.close())
         dist.barrier()
         if dist.local_rank == 0:  # the page cache is per machine: one rank per machine flushes it
             fsync_tree(tmp)
@@ -134,7 +134,7 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
         try:
             publish_dir(tmp, final, synced=True)  # replaces an incomplete leftover of an interrupted run
             write_text(final / COMPLETE, json.dumps({"step": state.step}) + "\n")  # atomic, fsynced
-            _prune(root, cfg.checkpoint.save_total_limit)
+            _prune(root, checkpoint.save_total_limit)
         except OSError as e:
             error = e
     if dist.any_rank(error is not None):
@@ -179,21 +179,21 @@ class ShardWriter:
         return self.files
 
 
-def _write_run_files(folder: Path, out: Path, state: TrainerState, cfg: Config, source: ModelSource,
-                     engine: Engine, state_files: dict[str, int]) -> None:
+def _write_run_files(folder: Path, out: Path, state: TrainerState, checkpoint: CheckpointSection, lora: LoraSection,
+                     config: Mapping[str, Any], source: ModelSource, engine: Engine, state_files: dict[str, int]) -> None:
     meta = {
         "format": FORMAT_VERSION,
         **asdict(state),
         "adam_step": engine.adam_step,
         "loss_scale": engine.loss_scale,
         **launch_of(engine),  # engine, world_size, zero_stage, precision, offload_optimizer, offload_params
-        "export_dtype": export_dtype(cfg.checkpoint.export_dtype, source.config),
+        "export_dtype": export_dtype(checkpoint.export_dtype, source.config),
         "base_model": source.path or None,
-        "lora": lora_settings(cfg.model.lora),  # None: a full fine-tune (export.py merges a LoRA one)
+        "lora": lora_settings(lora),  # None: a full fine-tune (export.py merges a LoRA one)
         "state_files": state_files,
     }
     (folder / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    save_config(cfg, folder / "config.yaml")
+    save_config(config, folder / "config.yaml")
     files = folder / MODEL_FILES
     files.mkdir()
     (files / "config.json").write_text(json.dumps(source.config.raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -248,11 +248,11 @@ def resolve_checkpoint(path: str | Path, where: str) -> Path:
     raise UserError(where, f"{path} is not a checkpoint", expected)
 
 
-def find_resume(cfg: Config) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` asks for (``auto`` = the latest complete one, or none),
-    checked file by file (``check_checkpoint``) before any heavy work. Rank 0 decides."""
-    out = Path(cfg.output_dir)
-    resume = cfg.checkpoint.resume
+def find_resume(out: Path, checkpoint: CheckpointSection, lora: LoraSection) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` asks for (``auto`` = the latest complete one of
+    ``out``, or none), checked file by file (``check_checkpoint``) before any heavy work, and
+    against this run's ``lora`` settings. Rank 0 decides."""
+    resume = checkpoint.resume
     if resume == "never":
         earlier = latest_checkpoint(out)
         if earlier is not None:  # a fresh run among them would be pruned first and mixed up on resume
@@ -262,7 +262,7 @@ def find_resume(cfg: Config) -> Path | None:
         return None
     ckpt = latest_checkpoint(out) if resume == "auto" else resolve_checkpoint(resume, "checkpoint.resume")
     if ckpt is not None:
-        check_resume_lora(check_checkpoint(ckpt).get("lora"), cfg.model.lora, ckpt)
+        check_resume_lora(check_checkpoint(ckpt).get("lora"), lora, ckpt)
     return ckpt
 
 
@@ -382,14 +382,10 @@ def fresh_state(dist: Dist, out: Path, total_steps: int) -> TrainerState:
     return TrainerState(total_steps=total_steps)
 
 
-def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_steps: int, peak_lr: float,
-                    schedule: ScheduleSection) -> TrainerState:
+def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path) -> TrainerState:
     """Restore the engine by parameter name (any launch: see the module docstring), this rank's
-    RNG and (rank 0) metrics.jsonl; returns the loop's state, running to ``total_steps``.
-
-    A resume with another total (``train.max_steps`` / ``train.epochs`` changed) continues with
-    one warning naming old -> new total and the LR at the resume step before -> after: the
-    schedule is a function of (step, total), so from here on it follows the new total's curve.
+    RNG and (rank 0) metrics.jsonl; returns the loop's state as saved (its ``total_steps`` is the
+    saved run's length: train.py compares it with this run's).
     Later checkpoints of ``out`` (a resume from an earlier step) are removed: training from here
     rewrites those steps, and ``checkpoint.resume=auto`` must not pick the abandoned ones.
     """
@@ -404,12 +400,7 @@ def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_ste
         set_rng_state({key: rng.get_tensor(key) for key in rng.keys()})
     else:  # a rank the saved run did not have (see the module docstring)
         seed_rng((meta["step"] * 1_000_003 + dist.rank) % 2**32)
-    step, old_total = meta["step"], meta["total_steps"]
-    if old_total != total_steps and dist.rank == 0:
-        log.warning("resuming %s with another length: %d -> %d steps (train.max_steps / train.epochs changed); "
-                    "the LR schedule now follows the %d-step curve: LR at step %d %.4g -> %.4g", ckpt, old_total,
-                    total_steps, total_steps, step, lr_at(step, old_total, peak_lr, schedule),
-                    lr_at(step, total_steps, peak_lr, schedule))
+    step = meta["step"]
     if dist.rank == 0:
         for later, path in complete_checkpoints(out):
             if later > step and path.resolve() != ckpt.resolve():
@@ -423,5 +414,5 @@ def load_checkpoint(engine: Engine, dist: Dist, ckpt: Path, out: Path, total_ste
             metrics.unlink()
     dist.barrier()
     log.info("resumed from %s (step %d)", ckpt, step)
-    return TrainerState(step, total_steps, meta["bad_in_a_row"], meta["last_train"], meta["last_eval"],
+    return TrainerState(step, meta["total_steps"], meta["bad_in_a_row"], meta["last_train"], meta["last_eval"],
                         meta["eval_report"])

@@ -24,6 +24,7 @@ import difflib
 import logging
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -279,8 +280,10 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+def save_config(cfg: Config | Mapping[str, Any], path: str | Path) -> None:
+    """``config.yaml``: a Config, or its plain snapshot (``to_dict``) as a component receives it."""
+    tree = cfg if isinstance(cfg, Mapping) else to_dict(cfg)
+    Path(path).write_text(yaml.safe_dump(dict(tree), sort_keys=False), encoding="utf-8")
 
 
 def resumable_keys(cls: type = Config, prefix: str = "") -> frozenset[str]:

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from polar_train.adapters import LoraSection, peft_config, peft_name
 from polar_train.checkpoint import MODEL_FILES, CheckpointState, check_checkpoint, resolve_checkpoint
-from polar_train.config import Config, to_dict
+from polar_train.config import CheckpointSection
 from polar_train.engine.protocol import Engine
 from polar_train.errors import UserError
 from polar_train.files import publish_dir, temporary_name
@@ -30,20 +30,20 @@ from polar_train.model.lora import MergedWeights
 ADAPTER_DIR = "adapter"  # output_dir/adapter: checkpoint.export_adapter's peft folder, next to output_dir/hf
 
 
-def export_hf(engine: Engine, source: ModelSource, cfg: Config, out_dir: Path,
-              eval_report: Mapping[str, Any] | None = None) -> None:
+def export_hf(engine: Engine, source: ModelSource, out_dir: Path, *, checkpoint: CheckpointSection,
+              lora: LoraSection, config: Mapping[str, Any], eval_report: Mapping[str, Any] | None = None) -> None:
     """The final HF folder: the fp32 master weights gathered (every rank), written by rank 0. A
     LoRA run's adapters are merged into the base (``export_weights``); with
-    ``checkpoint.export_adapter`` the adapter alone also goes to ``out_dir/../adapter``."""
+    ``checkpoint.export_adapter`` the adapter alone also goes to ``out_dir/../adapter``.
+    ``config``: the run's config as a plain mapping (``config.to_dict``), the folder's training config."""
     state = engine.full_state_dict()
     if engine.rank != 0 or state is None:
         return
-    lora = cfg.model.lora
     with export_weights(source, state, lora) as weights:
         save_state_dict(weights, source.config, out_dir, base_dir=source.files_dir,
-                        dtype=getattr(torch, export_dtype(cfg.checkpoint.export_dtype, source.config)),
-                        training_config=to_dict(cfg), eval_report=eval_report)
-    if lora.enabled and cfg.checkpoint.export_adapter:
+                        dtype=getattr(torch, export_dtype(checkpoint.export_dtype, source.config)),
+                        training_config=config, eval_report=eval_report)
+    if lora.enabled and checkpoint.export_adapter:
         save_adapter(state, lora, out_dir.parent / ADAPTER_DIR, base_model=source.path or None)
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from polar_train.checkpoint import find_resume, fresh_state, load_checkpoint, save_checkpoint
-from polar_train.config import Config, LossSection
+from polar_train.checkpoint import TrainerState, find_resume, fresh_state, load_checkpoint, save_checkpoint
+from polar_train.config import Config, LossSection, ScheduleSection, to_dict
 from polar_train.engine import build_engine, distributed, lr_at
 from polar_train.errors import TrainingError
 from polar_train.evaluate import build_report, group_rewards, implied_pairs, list_loss, write_report
@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict[str, float]:
         setup_logging(out / "train.log", rank=dist.rank)
         torch.manual_seed(cfg.seed)
         # rank 0 picks the checkpoint and checks its files (one line if damaged), before any heavy work
-        resume_from = dist.decide_on_rank_zero("choosing the checkpoint to resume from", lambda: find_resume(cfg))
+        resume_from = dist.decide_on_rank_zero("choosing the checkpoint to resume from", lambda: find_resume(out, cfg.checkpoint, cfg.model.lora))
 
         source = ModelSource.from_config(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(source.files_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -78,7 +78,10 @@ def run(cfg: Config) -> dict[str, float]:
         engine = build_engine(dist, source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
                               engine=cfg.engine, load_weights=resume_from is None or cfg.model.lora.enabled)
         if resume_from:
-            state = load_checkpoint(engine, dist, resume_from, out, total_steps, cfg.optimizer.lr, cfg.schedule)
+            state = load_checkpoint(engine, dist, resume_from, out)
+            if dist.rank == 0 and state.total_steps != total_steps:
+                warn_length_change(resume_from, state, total_steps, cfg.optimizer.lr, cfg.schedule)
+            state.total_steps = total_steps
         else:
             state = fresh_state(dist, out, total_steps)
         writer = MetricsWriter(out, enabled=dist.rank == 0, resumed_at=state.step)
@@ -174,7 +177,8 @@ def run(cfg: Config) -> dict[str, float]:
             stopping = totals[8] > 0  # SIGTERM / SIGINT reached some rank
             save_steps = cfg.checkpoint.save_steps
             if stopping or (save_steps and (state.step % save_steps == 0 or state.step == total_steps)):
-                path = save_checkpoint(engine, dist, out, state, cfg, source)
+                path = save_checkpoint(engine, dist, out, state, source, checkpoint=cfg.checkpoint,
+                                       lora=cfg.model.lora, config=to_dict(cfg))
                 log.info("checkpoint %s", path)
             if stopping:
                 bar.close()
@@ -184,10 +188,23 @@ def run(cfg: Config) -> dict[str, float]:
                 return state.last_eval or state.last_train
         bar.close()
         final = evaluate(total_steps) or state.last_train
-        export_hf(engine, source, cfg, out / "hf", eval_report=state.eval_report)
+        export_hf(engine, source, out / "hf", checkpoint=cfg.checkpoint, lora=cfg.model.lora, config=to_dict(cfg),
+                  eval_report=state.eval_report)
         writer.close()
         log.info("done: %s", out / "hf")
         return final
+
+
+def warn_length_change(ckpt: Path, state: TrainerState, total_steps: int, peak_lr: float,
+                       schedule: ScheduleSection) -> None:
+    """A resume with another total (``train.max_steps`` / ``train.epochs`` changed) continues with
+    one warning naming old -> new total and the LR at the resume step before -> after: the
+    schedule is a function of (step, total), so from here on it follows the new total's curve."""
+    step, old_total = state.step, state.total_steps
+    log.warning("resuming %s with another length: %d -> %d steps (train.max_steps / train.epochs changed); "
+                "the LR schedule now follows the %d-step curve: LR at step %d %.4g -> %.4g", ckpt, old_total,
+                total_steps, total_steps, step, lr_at(step, old_total, peak_lr, schedule),
+                lr_at(step, total_steps, peak_lr, schedule))
 
 
 class NonFiniteError(TrainingError):

@@ -72,7 +72,7 @@ def test_modules_import_one_way():
                     stack.append((nxt, [*path, nxt]))
     for name in ("polar_train.checkpoint", "polar_train.export"):
         engine_parts = {m for m in graph[name] if m.startswith("polar_train.engine")}
-        assert engine_parts <= {"polar_train.engine.protocol", "polar_train.engine.dist", "polar_train.engine.schedule"}
+        assert engine_parts <= {"polar_train.engine.protocol", "polar_train.engine.dist"}
     for name, imported in graph.items():
         if name.startswith("polar_train.model"):
             assert not {m for m in imported if m.split(".")[1] in ("engine", "checkpoint", "export", "train")}, name

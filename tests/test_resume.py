@@ -234,13 +234,13 @@ def test_incomplete_checkpoints_are_ignored_and_reported(run_folder: Path, capsy
     (root / "step-4" / "trainer_state.json").write_text("{}")
 
     cfg = in_process_config(run_folder, "partial")
-    assert find_resume(cfg) == root / "step-3"
+    assert find_resume(out, cfg.checkpoint, cfg.model.lora) == root / "step-3"
     assert resolve_checkpoint(out, "x") == root / "step-3"
     with pytest.raises(UserError, match="incomplete checkpoint"):
         resolve_checkpoint(root / "step-4", "train.resume")
     cfg.checkpoint.resume = "never"
     with pytest.raises(UserError, match="earlier run's checkpoints"):
-        find_resume(cfg)
+        find_resume(out, cfg.checkpoint, cfg.model.lora)
 
     assert cli_main(["convert", str(root / "step-4"), str(run_folder / "x")]) == 2
     assert "incomplete checkpoint" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from polar_train.checkpoint import CheckpointState, ShardWriter, TrainerState, check_checkpoint, read_meta, save_checkpoint
+from polar_train.config import to_dict
 from polar_train.engine import Dist, build_engine
 from polar_train.engine.protocol import STATE_KEYS
 from polar_train.errors import UserError
@@ -41,7 +42,7 @@ import sys
 from pathlib import Path
 
 from polar_train.checkpoint import load_checkpoint, save_checkpoint
-from polar_train.config import load_config
+from polar_train.config import load_config, to_dict
 from polar_train.engine import build_engine, distributed
 from polar_train.model.build import ModelSource
 
@@ -54,8 +55,9 @@ with distributed(configs[0].deepspeed) as dist:
         engine = build_engine(dist, source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
                               engine=cfg.engine, load_weights=False)
         Path(out).mkdir(exist_ok=True)
-        state = load_checkpoint(engine, dist, Path(ckpt), Path(out), 6, cfg.optimizer.lr, cfg.schedule)
-        save_checkpoint(engine, dist, Path(out), state, cfg, source)
+        state = load_checkpoint(engine, dist, Path(ckpt), Path(out))
+        save_checkpoint(engine, dist, Path(out), state, source, checkpoint=cfg.checkpoint, lora=cfg.model.lora,
+                        config=to_dict(cfg))
 """
 
 
@@ -170,6 +172,7 @@ def test_every_engine_holds_the_checkpoint_exactly(runs: Path, tmp_path: Path) -
     engine = build_engine(Dist(), source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
                           engine=cfg.engine, load_weights=False)
     engine.load_named_state(portable(zero2))
-    saved = save_checkpoint(engine, Dist(), tmp_path, TrainerState(step=3, total_steps=6), cfg, source)
+    saved = save_checkpoint(engine, Dist(), tmp_path, TrainerState(step=3, total_steps=6), source,
+                            checkpoint=cfg.checkpoint, lora=cfg.model.lora, config=to_dict(cfg))
     assert read_meta(saved)["engine"] == "torch"
     assert_same_state(portable(saved), portable(zero2))
