@@ -87,7 +87,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     from polar_train.config import load_config
     from polar_train.data_report import data_report
 
-    data_report(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    data_report(model=cfg.model, data=cfg.data, train=cfg.train, deepspeed=cfg.deepspeed, seed=cfg.seed)
     return 0
 
 

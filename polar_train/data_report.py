@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from polar_train.config import Config
+from polar_train.config import DataSection, DeepSpeedSection, ModelSection, TrainSection
 import numpy as np
 import pyarrow.compute as pc
 
@@ -57,32 +57,34 @@ def packing_stats(
     }
 
 
-def data_report(cfg: Config) -> dict[str, Any]:
+def data_report(*, model: ModelSection, data: DataSection, train: TrainSection, deepspeed: DeepSpeedSection,
+                seed: int) -> dict[str, Any]:
+    """``polar-train data``: token, packing and shared-prefix figures of the configured data (printed as JSON)."""
     setup_logging()
-    preflight(cfg)
-    tok_path = cfg.model.path or cfg.model.fresh.tokenizer
-    tokenizer = load_tokenizer(tok_path, trust_remote_code=cfg.model.trust_remote_code)
+    preflight(data, model, deepspeed)
+    tok_path = model.path or model.fresh.tokenizer
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=model.trust_remote_code)
     share_max_len = None
     config_id = None
-    if cfg.model.path:
-        mcfg = ModelConfig.from_file(f"{cfg.model.path}/config.json")
+    if model.path:
+        mcfg = ModelConfig.from_file(f"{model.path}/config.json")
         share_max_len = mcfg.share_max_len
         config_id = mcfg.reward_token_id
     special_token_ids(tokenizer, config_id)
     report: dict[str, Any] = {}
-    for split, files in (("train", cfg.data.train_files), ("eval", cfg.data.eval_files)):
+    for split, files in (("train", data.train_files), ("eval", data.eval_files)):
         if not files:
             continue
         store, stats = load_pair_store(
-            list(files), tokenizer, tok_path, max_length=cfg.data.max_length,
-            max_response_length=cfg.data.max_response_length, cache_dir=cfg.data.cache_dir or None,
-            on_error=cfg.data.on_error, num_proc=cfg.data.num_proc,
+            list(files), tokenizer, tok_path, max_length=data.max_length,
+            max_response_length=data.max_response_length, cache_dir=data.cache_dir or None,
+            on_error=data.on_error, num_proc=data.num_proc,
         )
         lengths = store.lengths()
         # every sequence's length, from the list offsets alone
         sequence_lengths = pc.list_value_length(pc.list_flatten(store.table.column("seqs"))).to_numpy()
         log.info("%s data: %s tokens/s tokenizing (%s)", split, f"{stats.tokens_per_s:.0f}",
-                 "cache hit: the figure of the run that built the cache" if stats.cache_hit else f"{cfg.data.num_proc} process(es)")
+                 "cache hit: the figure of the run that built the cache" if stats.cache_hit else f"{data.num_proc} process(es)")
         report[split] = {
             "files": list(files),
             **stats.as_dict(),
@@ -90,8 +92,8 @@ def data_report(cfg: Config) -> dict[str, Any]:
             "sequence_length": percentiles(sequence_lengths),
             "tokens_saved_by_lists": stats.tokens_as_pairs - stats.tokens_as_lists,
             **packing_stats(
-                lengths, max_tokens=cfg.data.max_tokens, pairs_per_step=cfg.train.pairs_per_step,
-                shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len, seed=cfg.seed,
+                lengths, max_tokens=data.max_tokens, pairs_per_step=train.pairs_per_step,
+                shared_prefix=data.shared_prefix, share_max_len=share_max_len, seed=seed,
             ),
         }
     print(json.dumps(report, indent=2))

@@ -1,6 +1,6 @@
 """The run directory and the checks that run before any heavy work.
 
-``preflight(cfg)`` looks at every input a run needs (data files, model folder, weight headers,
+``preflight(data, model, deepspeed)`` looks at every input a run needs (data files, model folder, weight headers,
 tokenizer) in about a second, so a typo fails before minutes of tokenizing or loading 15 GB
 of weights. ``hold_output_dir`` keeps a second run out of a folder in use; ``prepare_output_dir``
 refuses an ``output_dir`` that holds a different run and writes ``config.yaml``;
@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from polar_train.config import ALIASES, Config, resumable_keys, to_dict
+from polar_train.config import ALIASES, DataSection, DeepSpeedSection, ModelSection, resumable_keys
 from polar_train.data import SkippedRow
 from polar_train.errors import UserError
 from polar_train.files import write_text
@@ -87,8 +87,9 @@ def training_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     return diffs
 
 
-def prepare_output_dir(out: str | os.PathLike[str], cfg: Config) -> None:
-    """Create ``out`` and write ``out/config.yaml``, unless ``out`` holds a different run.
+def prepare_output_dir(out: str | os.PathLike[str], config: Mapping[str, Any]) -> None:
+    """Create ``out`` and write ``out/config.yaml`` (``config``: the run's ``config.to_dict``),
+    unless ``out`` holds a different run.
 
     - ``out`` is new or empty: created, ``config.yaml`` written.
     - ``out/config.yaml`` exists and differs only in ``RESUMABLE_KEYS``: the same run (a resume
@@ -102,7 +103,7 @@ def prepare_output_dir(out: str | os.PathLike[str], cfg: Config) -> None:
     """
     out = Path(out)
     saved = out / CONFIG_FILE
-    new = to_dict(cfg)
+    new = dict(config)
     if out.exists() and not out.is_dir():
         raise UserError(out, "output_dir exists and is not a folder", "set output_dir to a new folder")
     try:  # listed before looking for config.yaml: another rank may be writing this very run
@@ -200,7 +201,7 @@ def hold_output_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def preflight(cfg: Config) -> None:
+def preflight(data: DataSection, model: ModelSection, deepspeed: DeepSpeedSection) -> None:
     """Check the run's inputs up front; the first problem is a ``UserError``.
 
     - every ``data.train_files`` / ``data.eval_files`` entry is a readable, non-empty file;
@@ -214,20 +215,20 @@ def preflight(cfg: Config) -> None:
     """
     from polar_train.tokenizer import load_tokenizer, special_token_ids
 
-    for key, files in (("data.train_files", cfg.data.train_files), ("data.eval_files", cfg.data.eval_files)):
+    for key, files in (("data.train_files", data.train_files), ("data.eval_files", data.eval_files)):
         for name in files:
             check_data_file(name, key)
-    model_config = check_model_folder(cfg.model.path) if cfg.model.path else None
-    tokenizer_path = cfg.model.path or cfg.model.fresh.tokenizer
+    model_config = check_model_folder(model.path) if model.path else None
+    tokenizer_path = model.path or model.fresh.tokenizer
     if not Path(tokenizer_path).is_dir():
-        key = "model.path" if cfg.model.path else "model.fresh.tokenizer"
+        key = "model.path" if model.path else "model.fresh.tokenizer"
         raise UserError(tokenizer_path, f"tokenizer folder not found ({key})", "give the folder that holds tokenizer.json or tokenizer.model")
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=model.trust_remote_code)
     special_token_ids(tokenizer, model_config.reward_token_id if model_config else None)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:
         raise UserError(tokenizer_path, f"the tokenizer has {len(tokenizer)} tokens but config.json has vocab_size "
                         f"{model_config.vocab_size}", "use the tokenizer that ships with the checkpoint")
-    if cfg.deepspeed.enabled:
+    if deepspeed.enabled:
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:

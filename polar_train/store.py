@@ -44,6 +44,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from polar_train.cache_key import dataset_cache_key
+from polar_train.config import DataSection
 from polar_train.data import DataStats, OnError, SkippedRow, check_rows_read, iter_jsonl_rows
 from polar_train.errors import UserError
 from polar_train.files import publish_dir, temporary_name
@@ -135,9 +136,9 @@ class PairSet:
     counts: dict[str, int]  # the eval report's counts (num_dropped: pairs over data.max_length; truncations)
 
 
-def load_pairs(data: Any, files: Sequence[str], tokenizer: PreTrainedTokenizerBase, tokenizer_path: str | os.PathLike[str],
+def load_pairs(data: DataSection, files: Sequence[str], tokenizer: PreTrainedTokenizerBase, tokenizer_path: str | os.PathLike[str],
                share_max_len: int | None, split: str, *, group: Ranks | None = None) -> PairSet:
-    """A split's store (``data`` is the config's ``DataSection``). Training drops a pair costlier than
+    """A split's store (``data``: the config's data section). Training drops a pair costlier than
     ``data.max_tokens`` (a step packs whole pairs); eval keeps it and runs its chosen and rejected
     apart, as ``polar-train eval`` does."""
     store, stats = load_pair_store(

@@ -50,12 +50,12 @@ log = logging.getLogger("polar_train")
 def run(cfg: Config) -> dict[str, float]:
     """Train, evaluate and export; returns the final eval metrics (or the last train ones)."""
     out = Path(cfg.output_dir)
-    preflight(cfg)  # every input checked in about a second, before any heavy work
+    preflight(cfg.data, cfg.model, cfg.deepspeed)  # every input checked in about a second, before any heavy work
     with distributed(cfg.deepspeed) as dist, StopSignals() as stop, contextlib.ExitStack() as held:
         with dist.rank_zero_first("preparing the output folder"):  # rank 0 alone writes the run files
             if dist.rank == 0:  # one run per folder: locked until this process ends, however it ends
                 held.enter_context(hold_output_dir(out))
-                prepare_output_dir(out, cfg)  # refuses a folder holding a different run
+                prepare_output_dir(out, to_dict(cfg))  # refuses a folder holding a different run
         setup_logging(out / "train.log", rank=dist.rank)
         torch.manual_seed(cfg.seed)
         # rank 0 picks the checkpoint and checks its files (one line if damaged), before any heavy work

@@ -106,9 +106,9 @@ def test_a_run_folder_written_with_the_old_names_is_the_same_run(tmp_path: Path)
     assert training_differences(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()), to_dict(cfg)) == []
     longer = load_config(REPO / "configs/demo.yaml", [f"output_dir={tmp_path / 'run'}", "deepspeed.enabled=true",
                                                        "deepspeed.zero_stage=3", "train.precision=bf16", "train.max_steps=9"])
-    prepare_output_dir(tmp_path / "run", longer)  # another engine, stage, precision: the same run
+    prepare_output_dir(tmp_path / "run", to_dict(longer))  # another engine, stage, precision: the same run
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["optimizer"]["lr"] == cfg.optimizer.lr and "lr" not in saved["train"]  # rewritten with the new names
     other = load_config(REPO / "configs/demo.yaml", [f"output_dir={tmp_path / 'run'}", "loss.kind=focal"])
     with pytest.raises(config_module.UserError, match=r"holds a different run \(loss.kind: 'ranking' -> 'focal'\)"):
-        prepare_output_dir(tmp_path / "run", other)
+        prepare_output_dir(tmp_path / "run", to_dict(other))

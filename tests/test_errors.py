@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from polar_train import cli, rundir, scoring
-from polar_train.config import load_config
+from polar_train.config import Config, load_config, to_dict
 from polar_train.data import SkippedRow
 from polar_train.errors import UserError
 from polar_train.model import InternLM2RewardModel, ModelConfig, save_model
@@ -53,6 +53,14 @@ def write_lines(path: Path, lines: list[str | bytes | dict]) -> Path:
         data += (line if isinstance(line, bytes) else line.encode()) + b"\n"
     path.write_bytes(data)
     return path
+
+
+def preflight(cfg: Config) -> None:
+    rundir.preflight(cfg.data, cfg.model, cfg.deepspeed)
+
+
+def prepare_output_dir(out: Path, cfg: Config) -> None:
+    rundir.prepare_output_dir(out, to_dict(cfg))
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -218,7 +226,7 @@ def test_missing_model_folder(tmp_path, capsys, repo_root, tiny_tokenizer_path):
     missing = tmp_path / "no-such-model"
     cfg = load_config(repo_root / "configs/demo.yaml", base_args(tmp_path, tiny_tokenizer_path, data, f"model.path={missing}"))
     with pytest.raises(UserError, match="model folder not found"):
-        rundir.preflight(cfg)
+        preflight(cfg)
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml",
                         *base_args(tmp_path, tiny_tokenizer_path, data, f"model.path={missing}"))
     assert_one_error(code, err, 2, str(missing), "not found")
@@ -231,7 +239,7 @@ def test_folder_without_weights(tmp_path, capsys, repo_root, tiny_model_dir, tin
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     args = base_args(tmp_path, tiny_tokenizer_path, data, f"model.path={model}")
     with pytest.raises(UserError, match="no model weights found") as info:
-        rundir.preflight(load_config(repo_root / "configs/demo.yaml", args))
+        preflight(load_config(repo_root / "configs/demo.yaml", args))
     assert info.value.where == str(model)
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", *args)
     assert_one_error(code, err, 2, f"{model}: no model weights found")
@@ -244,7 +252,7 @@ def test_shapes_that_do_not_match_config(tmp_path, capsys, repo_root, tiny_model
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     args = base_args(tmp_path, tiny_tokenizer_path, data, f"model.path={model}")
     with pytest.raises(UserError, match=r"feed_forward.w\d.weight' has shape") as info:
-        rundir.preflight(load_config(repo_root / "configs/demo.yaml", args))
+        preflight(load_config(repo_root / "configs/demo.yaml", args))
     assert str(model) in info.value.where
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", *args)
     assert_one_error(code, err, 2, str(model), "has shape", "config.json implies")
@@ -253,12 +261,12 @@ def test_shapes_that_do_not_match_config(tmp_path, capsys, repo_root, tiny_model
 def test_preflight_reads_only_headers_and_accepts_a_good_checkpoint(tmp_path, repo_root, tiny_model_dir, tiny_tokenizer_path):
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     cfg = load_config(repo_root / "configs/demo.yaml", base_args(tmp_path, tiny_tokenizer_path, data, f"model.path={tiny_model_dir}"))
-    rundir.preflight(cfg)  # no error
+    preflight(cfg)  # no error
     model = copy_dir(tiny_model_dir, tmp_path / "model")
     shard = next(model.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:20])  # a truncated download
     with pytest.raises(UserError, match="not a valid safetensors file") as info:
-        rundir.preflight(load_config(repo_root / "configs/demo.yaml", [f"model.path={model}", f"data.train_files={data}"]))
+        preflight(load_config(repo_root / "configs/demo.yaml", [f"model.path={model}", f"data.train_files={data}"]))
     assert info.value.where == str(shard)
 
 
@@ -269,7 +277,7 @@ def test_tokenizer_without_a_special_token(missing_token, tmp_path, capsys, repo
     save_tokenizer(build_tokenizer(TINY_TEXTS, vocab_size=300, extra_special_tokens=kept), folder)
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     with pytest.raises(UserError, match=f"has no token '{missing_token}'".replace("[", r"\[").replace("|", r"\|")):
-        rundir.preflight(load_config(repo_root / "configs/demo.yaml", base_args(tmp_path, folder, data)))
+        preflight(load_config(repo_root / "configs/demo.yaml", base_args(tmp_path, folder, data)))
     code, err = run_cli(capsys, "data", repo_root / "configs/demo.yaml", *base_args(tmp_path, folder, data))
     assert_one_error(code, err, 2, str(folder), f"has no token '{missing_token}'")
 
@@ -286,7 +294,7 @@ def test_preflight_data_files(tmp_path, repo_root, tiny_tokenizer_path):
     for override, (where, what) in cases.items():
         cfg = load_config(repo_root / "configs/demo.yaml", [*base_args(tmp_path, tiny_tokenizer_path, good), override])
         with pytest.raises(UserError, match=what.replace("(", r"\(").replace(")", r"\)")) as info:
-            rundir.preflight(cfg)
+            preflight(cfg)
         assert info.value.where == where
 
 
@@ -305,18 +313,18 @@ def test_output_dir_holding_a_different_run(tmp_path, repo_root, tiny_tokenizer_
     data = write_lines(tmp_path / "train.jsonl", [GOOD])
     args = base_args(tmp_path, tiny_tokenizer_path, data)
     cfg = load_config(repo_root / "configs/demo.yaml", args)
-    rundir.prepare_output_dir(out, cfg)
+    prepare_output_dir(out, cfg)
     assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["lr"] == cfg.optimizer.lr
 
-    rundir.prepare_output_dir(out, cfg)  # the same config: a resume
+    prepare_output_dir(out, cfg)  # the same config: a resume
     longer = load_config(repo_root / "configs/demo.yaml", [*args, "train.max_steps=50", "train.log_steps=7", "train.resume=never",
                                                             "model.attention=sdpa", "data.cache_dir=/tmp/c", "train.save_steps=5"])
-    rundir.prepare_output_dir(out, longer)  # only keys that do not change what is trained
+    prepare_output_dir(out, longer)  # only keys that do not change what is trained
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["max_steps"] == 50
 
     other = load_config(repo_root / "configs/demo.yaml", [*args, "train.lr=1e-4", "seed=7", "data.max_length=300"])
     with pytest.raises(UserError) as info:
-        rundir.prepare_output_dir(out, other)
+        prepare_output_dir(out, other)
     error = info.value
     assert error.where == str(out) and error.exit_code == 2
     assert "seed: 0 -> 7" in error.what and "data.max_length: 256 -> 300" in error.what
@@ -330,19 +338,19 @@ def test_output_dir_that_is_not_a_run(tmp_path, repo_root, tiny_tokenizer_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "weights.safetensors").write_bytes(b"x")
     with pytest.raises(UserError, match=r"not empty and holds no config.yaml \(found: weights.safetensors\)"):
-        rundir.prepare_output_dir(tmp_path / "busy", cfg)
+        prepare_output_dir(tmp_path / "busy", cfg)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not a folder"):
-        rundir.prepare_output_dir(tmp_path / "file", cfg)
+        prepare_output_dir(tmp_path / "file", cfg)
     (tmp_path / "empty").mkdir()
-    rundir.prepare_output_dir(tmp_path / "empty" / "deeper", cfg)
+    prepare_output_dir(tmp_path / "empty" / "deeper", cfg)
     assert (tmp_path / "empty" / "deeper" / "config.yaml").is_file()
 
 
 def test_train_refuses_an_output_dir_of_a_different_run(tmp_path, capsys, repo_root, tiny_tokenizer_path):
     data = write_lines(tmp_path / "train.jsonl", [GOOD, GOOD])
     args = base_args(tmp_path, tiny_tokenizer_path, data)
-    rundir.prepare_output_dir(tmp_path / "run", load_config(repo_root / "configs/demo.yaml", args))
+    prepare_output_dir(tmp_path / "run", load_config(repo_root / "configs/demo.yaml", args))
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", *args, "train.lr=0.5")
     assert_one_error(code, err, 2, str(tmp_path / "run"), "optimizer.lr", "-> 0.5", "use a new output_dir")
 
