@@ -79,3 +79,22 @@ def test_modules_import_one_way():
         uses_deepspeed = "import deepspeed" in (REPO / (name.replace(".", "/") + ".py")).read_text() \
             if (REPO / (name.replace(".", "/") + ".py")).is_file() else False
         assert not uses_deepspeed or name.startswith("polar_train.engine.deepspeed"), name
+
+
+def test_only_train_run_cli_and_config_take_the_whole_config():
+    """Each component receives its own section(s) (STYLE: config per component): a parameter
+    annotated ``Config`` is allowed in ``train.run``, cli.py and config.py only."""
+    import ast
+
+    takers = []
+    for path in sorted((REPO / "polar_train").rglob("*.py")):
+        module = str(path.relative_to(REPO / "polar_train"))
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            annotations = [ast.unparse(a.annotation) for a in arguments if a.annotation is not None]
+            if any(re.search(r"\bConfig\b", text) for text in annotations):
+                takers.append(f"{module}:{node.name}")
+    assert [t for t in takers if t != "train.py:run" and not t.startswith(("cli.py:", "config.py:"))] == []
+    assert "train.py:run" in takers  # the scan sees annotations
