@@ -180,7 +180,8 @@ class ShardWriter:
 
 
 def _write_run_files(folder: Path, out: Path, state: TrainerState, checkpoint: CheckpointSection, lora: LoraSection,
-                     config: Mapping[str, Any], source: ModelSource, engine: Engine, state_files: dict[str, int]) -> None:
+                     config: Mapping[str, Any], source: ModelSource, engine: Engine,
+                     state_files: dict[str, int]) -> None:
     meta = {
         "format": FORMAT_VERSION,
         **asdict(state),

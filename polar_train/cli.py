@@ -93,11 +93,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _scoring_options(args: argparse.Namespace) -> dict[str, int]:
-    for flag, value, least in (("--max-length", args.max_length, 5), ("--max-response-length", args.max_response_length, 1),
+    for flag, value, least in (("--max-length", args.max_length, 5),
+                               ("--max-response-length", args.max_response_length, 1),
                                ("--max-tokens", args.max_tokens, 1)):
         if value < least:
             raise UserError(flag, f"is {value}", f"expected at least {least}")
-    return {"max_length": args.max_length, "max_response_length": args.max_response_length, "max_tokens": args.max_tokens}
+    return {"max_length": args.max_length, "max_response_length": args.max_response_length,
+            "max_tokens": args.max_tokens}
 
 
 def _scorer(args: argparse.Namespace) -> tuple[Any, Any]:

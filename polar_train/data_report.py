@@ -84,7 +84,8 @@ def data_report(*, model: ModelSection, data: DataSection, train: TrainSection, 
         # every sequence's length, from the list offsets alone
         sequence_lengths = pc.list_value_length(pc.list_flatten(store.table.column("seqs"))).to_numpy()
         log.info("%s data: %s tokens/s tokenizing (%s)", split, f"{stats.tokens_per_s:.0f}",
-                 "cache hit: the figure of the run that built the cache" if stats.cache_hit else f"{data.num_proc} process(es)")
+                 "cache hit: the figure of the run that built the cache" if stats.cache_hit
+                 else f"{data.num_proc} process(es)")
         report[split] = {
             "files": list(files),
             **stats.as_dict(),

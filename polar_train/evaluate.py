@@ -265,7 +265,8 @@ def build_report(rewards: Sequence[Sequence[float]], rows: Sequence[Group], **co
     ``pair_report`` over every implied pair, ``list_report`` when some row is a list, and
     ``reward_stats``. ``rewards[g][k]`` is the reward of ``rows[g].seqs[k]``."""
     chosen, rejected = implied_pairs(rewards, rows)
-    return {**pair_report(chosen, rejected, **counts), **list_report(rewards, rows), "reward_stats": reward_stats(rewards)}
+    return {**pair_report(chosen, rejected, **counts), **list_report(rewards, rows),
+            "reward_stats": reward_stats(rewards)}
 
 
 def _as_float64(values: Any) -> torch.Tensor:

@@ -384,9 +384,10 @@ def _scored_rows(rows: Sequence[tuple[dict[str, Any], Preference]], encoded: Seq
             row["rejected_reward"] = values[e.worse[0]] if values else None
         else:
             row["ranked_rewards"] = [values[k] for k in e.order] if values else None
-        row.update(prompt_truncated=e.prompt_truncated if e else None, response_truncated=e.response_truncated if e else None,
-                   skip_reason=None if e else f"does not fit max_length={max_length}: no implied pair leaves room for "
-                                              "the prompt")
+        row.update(prompt_truncated=e.prompt_truncated if e else None,
+                   response_truncated=e.response_truncated if e else None,
+                   skip_reason=None if e else f"does not fit max_length={max_length}: no implied pair leaves room "
+                                              "for the prompt")
         yield row
 
 

@@ -136,8 +136,9 @@ class PairSet:
     counts: dict[str, int]  # the eval report's counts (num_dropped: pairs over data.max_length; truncations)
 
 
-def load_pairs(data: DataSection, files: Sequence[str], tokenizer: PreTrainedTokenizerBase, tokenizer_path: str | os.PathLike[str],
-               share_max_len: int | None, split: str, *, group: Ranks | None = None) -> PairSet:
+def load_pairs(data: DataSection, files: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+               tokenizer_path: str | os.PathLike[str], share_max_len: int | None, split: str, *,
+               group: Ranks | None = None) -> PairSet:
     """A split's store (``data``: the config's data section). Training drops a pair costlier than
     ``data.max_tokens`` (a step packs whole pairs); eval keeps it and runs its chosen and rejected
     apart, as ``polar-train eval`` does."""

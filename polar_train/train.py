@@ -59,7 +59,8 @@ def run(cfg: Config) -> dict[str, float]:
         setup_logging(out / "train.log", rank=dist.rank)
         torch.manual_seed(cfg.seed)
         # rank 0 picks the checkpoint and checks its files (one line if damaged), before any heavy work
-        resume_from = dist.decide_on_rank_zero("choosing the checkpoint to resume from", lambda: find_resume(out, cfg.checkpoint, cfg.model.lora))
+        resume_from = dist.decide_on_rank_zero("choosing the checkpoint to resume from",
+                                               lambda: find_resume(out, cfg.checkpoint, cfg.model.lora))
 
         source = ModelSource.from_config(cfg.model, cfg.seed)
         tokenizer = load_tokenizer(source.files_dir, trust_remote_code=cfg.model.trust_remote_code)

@@ -60,7 +60,8 @@ def import_deepspeed() -> Any:
 
     ds_logger.setLevel(logging.WARNING)
     # DeepSpeed calls torch.distributed functions that newer torch deprecates, once per collective
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
+                            category=FutureWarning)
     return deepspeed
 
 
