@@ -28,6 +28,28 @@ def test_every_shipped_config_loads(path):
     assert cfg.output_dir and cfg.data.train_files
 
 
+# Lines over 120 characters still left per module, from before the limit (issue 20). Each entry
+# may only shrink: fix those lines (in a module you change anyway) and lower or drop its count.
+# The goal is an empty dict.
+LONG_LINES_LEFT = {
+    "adapters.py": 2, "cache_key.py": 1, "checkpoint.py": 6, "cli.py": 1, "config.py": 9, "data.py": 9,
+    "data_report.py": 1, "engine/dist.py": 2, "engine/torch.py": 2, "evaluate.py": 2, "export.py": 1, "loss.py": 1,
+    "model/build.py": 1, "model/hf.py": 4, "packing.py": 1, "pretrain_pairs.py": 5, "ranked.py": 2, "rundir.py": 6,
+    "scoring.py": 11, "store.py": 14, "tokenizer.py": 7, "train.py": 10,
+}
+
+
+def test_no_line_is_over_120_characters():
+    long_lines: dict[str, list[str]] = {}
+    for p in sorted((REPO / "polar_train").rglob("*.py")):
+        name = str(p.relative_to(REPO / "polar_train"))
+        for number, line in enumerate(p.read_text().splitlines(), start=1):
+            if len(line) > 120:
+                long_lines.setdefault(name, []).append(f"polar_train/{name}:{number}: {len(line)} characters")
+    over = [line for name, lines in long_lines.items() if len(lines) > LONG_LINES_LEFT.get(name, 0) for line in lines]
+    assert over == [], "lines over 120 characters (wrap them):\n" + "\n".join(over)
+
+
 def test_no_module_is_over_450_lines():
     sizes = {str(p.relative_to(REPO / "polar_train")): len(p.read_text().splitlines())
              for p in (REPO / "polar_train").rglob("*.py")}
