@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy, margins and reward statistics on pairs and ranked lists")
     p.add_argument("--model", required=True, help="HF folder of a POLAR reward model")
-    p.add_argument("--data", required=True, help="pairs JSONL (prompt, reference, chosen, rejected)")
+    p.add_argument("--data", required=True, help="JSONL pair rows and ranked lists, as train reads them")
     p.add_argument("--output-dir", required=True, help="where report.json and the plots go")
     add_inference_args(p)
 
@@ -142,15 +142,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from polar_train.export import cmd_convert as run_convert
+    from polar_train.export import convert
 
-    return run_convert(args)
+    out = convert(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size)
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_pretrain_pairs(args: argparse.Namespace) -> int:
-    from polar_train.pretrain_pairs import cmd_pretrain_pairs as run_pretrain_pairs
+    """``polar-train pretrain-pairs``: build the pairs, print the summary line on stdout."""
+    from polar_train.pretrain_pairs import build_pretrain_pairs
 
-    return run_pretrain_pairs(args)
+    stats = build_pretrain_pairs(args.samples, args.output, negatives=args.negatives, seed=args.seed, progress=True)
+    print(f"pretrain-pairs: {stats.summary(str(args.output))}", flush=True)
+    return 0
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "score": cmd_score, "eval": cmd_eval, "convert": cmd_convert,

@@ -5,7 +5,6 @@ alone in peft's layout."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
@@ -101,9 +100,3 @@ def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", ma
         return save_state_dict(weights, config, out_dir, base_dir=files, dtype=getattr(torch, dtype),
                                max_shard_size=max_shard_size, training_config=training_config,
                                eval_report=meta["eval_report"])
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = convert(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size)
-    print(f"wrote {out}")
-    return 0

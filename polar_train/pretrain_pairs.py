@@ -39,7 +39,6 @@ bucket by bucket, sorted by (prompt, wrapper) within a bucket. Same files and se
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -382,10 +381,3 @@ def build_pretrain_pairs(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return stats
-
-
-def cmd_pretrain_pairs(args: argparse.Namespace) -> int:
-    """``polar-train pretrain-pairs``: build the pairs, print the summary line on stdout."""
-    stats = build_pretrain_pairs(args.samples, args.output, negatives=args.negatives, seed=args.seed, progress=True)
-    print(f"pretrain-pairs: {stats.summary(str(args.output))}", flush=True)
-    return 0
