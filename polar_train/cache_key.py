@@ -1,6 +1,6 @@
 """The tokenization cache's key: a sha256 of everything that decides the tokenized rows (the data
 files' paths and bytes, the tokenizer's files, the length limits, ``data.on_error``, the encoding
-version and the tokenizer libraries' versions). ``polar_train.store`` keeps a cache entry under it.
+version and the tokenizer libraries' versions). ``polar_train.store_build`` keeps a cache entry under it.
 """
 
 from __future__ import annotations

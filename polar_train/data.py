@@ -6,7 +6,7 @@ Three steps, each usable alone:
    validate a JSONL file; every mistake is a ``UserError`` whose ``where`` is ``FILE:LINE`` (or
    is collected as a ``SkippedRow``).
 2. ``encode_candidates`` / ``encode_pair``: the exact POLAR sequence of one record (SPEC 3).
-3. ``polar_train.store`` (not here): files -> the tokenized, memory-mapped, cached pair store.
+3. ``polar_train.store_build`` (not here): files -> the tokenized, memory-mapped, cached pair store.
 
 The sequence POLAR scores, for prompt ``p``, reference ``ref`` and one candidate ``out``
 (sft wrapper, nothing truncated)::

@@ -20,7 +20,7 @@ from polar_train.model.internlm2 import ModelConfig
 from polar_train.packing import GroupLengths, StepPlanner
 from polar_train.reporting import setup_logging
 from polar_train.rundir import preflight
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")

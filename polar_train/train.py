@@ -41,7 +41,7 @@ from polar_train.model.lora import count_parameters
 from polar_train.packing import MicroBatch, StepPlanner, pack_step
 from polar_train.reporting import MetricsWriter, format_metrics, setup_logging
 from polar_train.rundir import hold_output_dir, preflight, prepare_output_dir, write_skipped_rows
-from polar_train.store import load_pairs
+from polar_train.store_build import load_pairs
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 log = logging.getLogger("polar_train")

@@ -53,7 +53,7 @@ import polar_train.model.internlm2 as internlm2_module
 from polar_train.model import InternLM2RewardModel, ModelConfig, resolve_attention
 from polar_train.model.varlen import VarlenMeta
 from polar_train.packing import Group, PairList, StepPlanner, best_fit_decreasing, group_cost, pack_step, pair_cost
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import load_tokenizer, special_token_ids
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate (SPEC 4; 1.8B as believed there)

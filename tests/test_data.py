@@ -26,7 +26,8 @@ from polar_train.data import (
     read_jsonl_rows,
 )
 from polar_train.errors import UserError
-from polar_train.store import SCHEMA, load_pair_store
+from polar_train.store import SCHEMA
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import (
     REWARD_TOKEN,
     SEP_TOKEN,
@@ -387,7 +388,7 @@ def test_cache_hit_does_not_tokenize_again(tmp_path: Path, tiny_tokenizer_path: 
 
     for name in ("encode", "decode", "__call__", "convert_ids_to_tokens"):
         monkeypatch.setattr(tok, name, no_tokenizing)
-    monkeypatch.setattr("polar_train.store.special_token_ids", lambda *a: (SEP_ID, REWARD_ID))
+    monkeypatch.setattr("polar_train.store_build.special_token_ids", lambda *a: (SEP_ID, REWARD_ID))
     with caplog.at_level(logging.INFO, logger="polar_train"):
         second, second_stats = load_pair_store([str(path)], tok, str(tiny_tokenizer_path), **kwargs)
     assert second_stats.cache_hit and "cache hit" in caplog.text

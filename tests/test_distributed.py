@@ -16,7 +16,7 @@ from polar_train.export import convert
 from polar_train.config import load_config
 from polar_train.model import VarlenMeta, load_model
 from polar_train.packing import StepPlanner, best_fit_decreasing, split_across_ranks
-from polar_train.store import load_pairs
+from polar_train.store_build import load_pairs
 from polar_train.tokenizer import load_tokenizer
 
 from test_resume import assert_same_weights, make_run_folder, metric_rows, one_thread, train, train_losses  # noqa: F401
@@ -28,7 +28,7 @@ STEPS = ["train.max_steps=6", "train.save_steps=3", "train.eval_steps=3"]
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One folder holding the one-process reference run and the 2-rank ZeRO-2 / ZeRO-3 runs. The
     reference tokenizes alone without a cache; the ZeRO-2 run's two ranks tokenize half the rows
-    each into a shared cache (polar_train.store), which the ZeRO-3 run then maps."""
+    each into a shared cache (polar_train.store_build), which the ZeRO-3 run then maps."""
     folder = make_run_folder(tmp_path_factory.mktemp("dist"))
     train(folder, "output_dir=one", *STEPS)
     for stage in (2, 3):

@@ -25,7 +25,7 @@ from polar_train.config import Config, load_config, to_dict
 from polar_train.data import SkippedRow
 from polar_train.errors import UserError
 from polar_train.model import InternLM2RewardModel, ModelConfig, save_model
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import REWARD_TOKEN, SEP_TOKEN, build_tokenizer, save_tokenizer
 
 from conftest import TINY_TEXTS

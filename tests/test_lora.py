@@ -24,7 +24,7 @@ from polar_train.model import load_model
 from polar_train.model.build import ModelSource
 from polar_train.model.lora import LoraLinear, MergedWeights, add_adapters
 from polar_train.tokenizer import load_tokenizer
-from polar_train.store import load_pairs
+from polar_train.store_build import load_pairs
 from polar_train.train import run
 
 from test_resume import (  # noqa: F401

@@ -23,7 +23,7 @@ import pytest
 
 from polar_train.cli import main
 from polar_train.pretrain_pairs import build_pretrain_pairs, plan_group
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 
 from test_errors import _quiet_logger, write_lines  # noqa: F401  (_quiet_logger: an autouse fixture)
 

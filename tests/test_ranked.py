@@ -20,7 +20,7 @@ from polar_train.loss import pair_losses, plackett_luce
 from polar_train.model import VarlenMeta, load_model
 from polar_train.packing import Group, build_micro_batch, group_cost, shared_prefix_length
 from polar_train.ranked import encode_preference, parse_preference
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import special_token_ids
 from polar_train.train import batch_loss, loss_function
 

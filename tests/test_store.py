@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerBase
 from polar_train.data import SkippedRow, iter_jsonl_rows, read_jsonl_rows
 from polar_train.errors import UserError
 from polar_train.packing import PairList, StepPlanner, pack_step, pair_cost
-from polar_train.store import SCHEMA, PairStore, _pieces, load_pair_store, load_pairs
+from polar_train.store import SCHEMA, PairStore
+from polar_train.store_build import _pieces, load_pair_store, load_pairs
 from polar_train.config import DataSection
 
 from test_resume import subprocess_env
@@ -111,7 +112,7 @@ import sys
 import torch
 import torch.distributed as td
 from polar_train.errors import UserError
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import load_tokenizer
 
 

@@ -8,7 +8,7 @@ import torch
 
 from polar_train.config import load_config
 from polar_train.model import load_model
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.tokenizer import load_tokenizer
 from polar_train.train import run
 
