@@ -5,6 +5,8 @@ A cache entry ``cache_dir/<key>/`` (``dataset_cache_key``)::
 
     shard-00000.arrow ...   Arrow IPC files, uncompressed (memory-mapped as they are)
     stats.json              DataStats of all shards, written before the folder is renamed into place
+    manifest.json           size and xxh3-64 of every file: checked on each hit (``cache_entry``); a
+                            damaged entry (or ids outside the tokenizer's vocabulary) is rebuilt
 
 One row per kept data row (a pair, or a ranked list: ``polar_train.ranked``), in file order
 when the shards are read in name order::

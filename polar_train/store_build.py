@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -29,11 +28,11 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from polar_train.cache_entry import check_entry, discard_entry, private_folder, publish
 from polar_train.cache_key import dataset_cache_key
 from polar_train.config import DataSection
 from polar_train.data import DataStats, OnError, SkippedRow, check_rows_read, iter_jsonl_rows
 from polar_train.errors import UserError
-from polar_train.files import publish_dir, temporary_name
 from polar_train.packing import shared_prefix_length
 from polar_train.ranked import check_preference, encode_preference, preference_of
 from polar_train.ranks import Ranks
@@ -259,15 +258,24 @@ def load_pair_store(
     final_dir = Path(cache_dir).expanduser() / key if cache_dir else None
     shared = group if group is not None and group.world_size > 1 and final_dir is not None else None
     hit = final_dir is not None and (final_dir / "stats.json").is_file()
+    damage = check_entry(final_dir, len(tokenizer)) if hit else None  # never train on a changed cache
+    if damage is not None:
+        logger.warning("data: %s %s: rebuilding the cache entry %s", damage.path, damage.what, final_dir)
+    trusted = hit and damage is None
     if shared is not None:  # every rank must take the same path (another job may publish right now)
-        hit = _every_rank(shared, hit)
-    if hit:
+        trusted = _every_rank(shared, trusted)
+    if trusted:
         return _open_hit(final_dir)
+    # readers test for stats.json: a damaged entry goes before a new one is published
+    removed = discard_entry(final_dir) if hit and (shared is None or shared.rank == 0) else True
+    if not (_every_rank(shared, removed) if shared is not None else removed):
+        raise UserError(final_dir, "is a damaged tokenization cache entry that cannot be removed",
+                        f"delete it (rm -r {final_dir}) or set another data.cache_dir, and run again")
 
     folder = _shared_folder(final_dir.parent, key, shared) if shared is not None else None
     if folder is None:
         shared = None
-        folder = _private_folder(final_dir, key)
+        folder = private_folder(final_dir)
     rank, world = (shared.rank, shared.world_size) if shared is not None else (0, 1)
     settings = {"on_error": on_error, "encode": dict(max_length=max_length, max_response_length=max_response_length,
                                                      sep_id=sep_id, reward_id=reward_id)}
@@ -295,7 +303,7 @@ def load_pair_store(
                 f"raise data.max_length, or lower data.max_response_length (now {max_response_length}) to leave the prompt room",
             )
         if rank == 0 and final_dir is not None:
-            _publish(folder, stats, final_dir)
+            publish(folder, stats, final_dir)
         if shared is not None:
             _sync(shared)  # published
         published = final_dir is not None and (final_dir / "stats.json").is_file()
@@ -306,36 +314,6 @@ def load_pair_store(
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)  # mapped files stay readable until unmapped (POSIX)
     return store, stats
-
-
-def _private_folder(final_dir: Path | None, key: str) -> Path:
-    """A folder this process alone writes: next to the cache entry (same file system for the rename), else a temp one."""
-    if final_dir is not None:
-        folder = temporary_name(final_dir)
-        try:
-            folder.mkdir(parents=True)
-            return folder
-        except OSError as error:
-            logger.warning("data: could not write the tokenization cache %s: %s", final_dir, error)
-    return Path(tempfile.mkdtemp(prefix="polar-train-data-"))
-
-
-def _publish(folder: Path, stats: DataStats, final_dir: Path) -> None:
-    """Write ``stats.json`` into the finished folder, then rename it into place.
-
-    Readers test for ``stats.json`` inside ``final_dir``, which exists only after the rename, so
-    they never see half a cache. If another process renamed first, its copy is kept. A cache
-    that cannot be written costs only time: it is logged, not raised.
-    """
-    try:
-        for path in folder.glob("rank-*.json"):
-            path.unlink()
-        (folder / "stats.json").write_text(json.dumps(stats.as_dict(max_skipped=None), indent=1))
-        publish_dir(folder, final_dir, replace=False)  # fsynced: a power loss must not leave half a cache
-        logger.info("data: tokenized pairs cached in %s", final_dir)
-    except OSError as error:
-        if not (final_dir / "stats.json").is_file():  # not "another process got there first"
-            logger.warning("data: could not write the tokenization cache %s: %s", final_dir, error)
 
 
 def _open_hit(final_dir: Path) -> tuple[PairStore, DataStats]:

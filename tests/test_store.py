@@ -100,7 +100,8 @@ def test_processes_build_the_one_process_store_row_for_row(data: list[str], tiny
     three, three_stats = load_pair_store(data, tiny_tokenizer, "tiny", cache_dir=str(tmp_path / "three"), num_proc=3, **KWARGS)
     assert columns(three) == columns(one) and len(one) == one_stats.num_pairs >= 30
     (entry,) = (tmp_path / "three").iterdir()
-    assert sorted(p.name for p in entry.iterdir()) == ["shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow", "stats.json"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "manifest.json", "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow", "stats.json"]
     timing = ("tokenize_seconds", "tokens_per_s")
     assert {k: v for k, v in three_stats.as_dict(None).items() if k not in timing} == {
         k: v for k, v in one_stats.as_dict(None).items() if k not in timing}
