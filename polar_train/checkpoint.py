@@ -47,16 +47,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from polar_train.adapters import LoraSection, check_resume_lora, lora_settings
 from polar_train.config import CheckpointSection, save_config
 from polar_train.engine.dist import Dist
 from polar_train.engine.protocol import STATE_KEYS, Engine, describe_launch, launch_of
 from polar_train.errors import TrainingError, UserError
-from polar_train.files import fsync_tree, publish_dir, write_text
+from polar_train.files import fsync_tree, publish_dir, save_tensors, space_message, write_text
 from polar_train.model import hf
 from polar_train.model.build import ModelSource, export_dtype
+from polar_train.model.lora import count_parameters
 from polar_train.rng import rng_state, seed_rng, set_rng_state
 
 log = logging.getLogger("polar_train")
@@ -92,7 +92,8 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
     ``config``: the run's config as a plain mapping (``config.to_dict``), saved as its config.yaml.
 
     A failed write (disk full, permissions) removes the partial folder and raises a
-    ``TrainingError`` naming the checkpoint that stays the latest.
+    ``TrainingError`` naming the folder, the space a checkpoint needs and the checkpoint that
+    stays the latest.
     """
     root = out / CHECKPOINTS
     final, tmp = root / f"step-{state.step}", root / f".tmp-step-{state.step}"
@@ -101,10 +102,16 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
     def failed(error: BaseException) -> TrainingError:
         if dist.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+            if final.is_dir() and not (final / COMPLETE).is_file():  # renamed, but COMPLETE could not be written
+                shutil.rmtree(final, ignore_errors=True)
         keep = f"{previous} is intact and checkpoint.resume=auto continues from it" if previous else "no earlier checkpoint exists"
         what = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        return TrainingError(final, f"checkpoint could not be written: {what}",
-                             f"free disk space or fix permissions under {root}; {keep}")
+        # what a checkpoint takes: the previous one's size, else fp32 master + 2 AdamW moments per trainable parameter
+        needed = (sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous
+                  else 12 * count_parameters(engine.model)[0])
+        return TrainingError(final, f"checkpoint could not be written: {what}; {space_message(root, needed)}",
+                             f"free disk space or fix permissions under {root}, lower checkpoint.save_total_limit, "
+                             f"or set another output_dir; {keep}")
 
     error: OSError | None = None
     if dist.rank == 0:
@@ -120,25 +127,33 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
         for name, tensors in engine.named_state():  # DeepSpeed: a collective, every rank iterates
             if shards is not None and tensors is not None:
                 shards.add(name, tensors)
-        save_file(rng_state(), str(tmp / "rng" / f"rank-{dist.rank:05d}.safetensors"))
+        save_tensors(rng_state(), tmp / "rng" / f"rank-{dist.rank:05d}.safetensors")
         if shards is not None:
             _write_run_files(tmp, out, state, checkpoint, lora, config, source, engine, shards.close())
-        dist.barrier()
+    except OSError as e:
+        error = e
+    if dist.any_rank(error is not None):  # also the barrier: every rank's files are written
+        raise failed(error or OSError(errno.EIO, "another rank failed to write its part"))
+    try:
         if dist.local_rank == 0:  # the page cache is per machine: one rank per machine flushes it
             fsync_tree(tmp)
     except OSError as e:
         error = e
     if dist.any_rank(error is not None):
-        raise failed(error or OSError(errno.EIO, "another rank failed to write its part"))
+        raise failed(error or OSError(errno.EIO, "another machine failed to flush the checkpoint to disk"))
     if dist.rank == 0:
         try:
             publish_dir(tmp, final, synced=True)  # replaces an incomplete leftover of an interrupted run
             write_text(final / COMPLETE, json.dumps({"step": state.step}) + "\n")  # atomic, fsynced
-            _prune(root, checkpoint.save_total_limit)
         except OSError as e:
             error = e
     if dist.any_rank(error is not None):
         raise failed(error or OSError(errno.EIO, "rank 0 failed to finish the checkpoint"))
+    if dist.rank == 0:
+        try:
+            _prune(root, checkpoint.save_total_limit)
+        except OSError as e:  # the new checkpoint is complete: an old one left behind costs only space
+            log.warning("could not remove old checkpoints under %s: %s", root, e)
     return final
 
 
@@ -165,7 +180,7 @@ class ShardWriter:
     def _write(self) -> None:
         path = self.folder / f"state-{len(self.files) + 1:05d}.safetensors"
         try:
-            save_file(self.pending, str(path), metadata={"format": "pt"})
+            save_tensors(self.pending, path, metadata={"format": "pt"})
             self.files[path.name] = path.stat().st_size
         except OSError as e:
             self.error = e

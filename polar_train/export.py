@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import save_file
 
 from polar_train.adapters import LoraSection, peft_config, peft_name
-from polar_train.checkpoint import MODEL_FILES, CheckpointState, check_checkpoint, resolve_checkpoint
+from polar_train.checkpoint import MODEL_FILES, CheckpointState, check_checkpoint, latest_checkpoint, resolve_checkpoint
 from polar_train.config import CheckpointSection
 from polar_train.engine.protocol import Engine
-from polar_train.errors import UserError
-from polar_train.files import publish_dir, temporary_name
+from polar_train.errors import TrainingError, UserError
+from polar_train.files import publish_dir, save_tensors, space_message, temporary_name
 from polar_train.model import ModelConfig, save_state_dict
 from polar_train.model.build import ModelSource, export_dtype
 from polar_train.model.hf import expected_shapes
@@ -38,12 +39,21 @@ def export_hf(engine: Engine, source: ModelSource, out_dir: Path, *, checkpoint:
     state = engine.full_state_dict()
     if engine.rank != 0 or state is None:
         return
-    with export_weights(source, state, lora) as weights:
-        save_state_dict(weights, source.config, out_dir, base_dir=source.files_dir,
-                        dtype=getattr(torch, export_dtype(checkpoint.export_dtype, source.config)),
-                        training_config=config, eval_report=eval_report)
-    if lora.enabled and checkpoint.export_adapter:
-        save_adapter(state, lora, out_dir.parent / ADAPTER_DIR, base_model=source.path or None)
+    dtype = getattr(torch, export_dtype(checkpoint.export_dtype, source.config))
+    try:
+        with export_weights(source, state, lora) as weights:
+            save_state_dict(weights, source.config, out_dir, base_dir=source.files_dir, dtype=dtype,
+                            training_config=config, eval_report=eval_report)
+        if lora.enabled and checkpoint.export_adapter:
+            save_adapter(state, lora, out_dir.parent / ADAPTER_DIR, base_model=source.path or None)
+    except OSError as error:  # disk full, permissions: save_state_dict removed its partial folder
+        needed = sum(math.prod(shape) for shape in expected_shapes(source.config).values()) * dtype.itemsize
+        latest = latest_checkpoint(out_dir.parent)
+        then = (f"then write it from the last checkpoint: polar-train convert {latest} {out_dir}" if latest
+                else "then train again (no checkpoint was saved: checkpoint.save_steps=0)")
+        raise TrainingError(out_dir, f"the export could not be written: {error.strerror or error}; "
+                            f"{space_message(out_dir.parent, needed)}",
+                            f"free disk space or fix permissions, {then}") from None
 
 
 @contextlib.contextmanager
@@ -63,11 +73,15 @@ def save_adapter(trained: Mapping[str, torch.Tensor], lora: LoraSection, out_dir
     """The adapter alone in peft's layout: ``adapter_config.json`` + ``adapter_model.safetensors``
     (fp32; peft's key names, v_head as a module to save: adapters.py)."""
     tmp = temporary_name(out_dir)
-    tmp.mkdir(parents=True)
-    tensors = {peft_name(name): t.detach().float().cpu().contiguous() for name, t in trained.items()}
-    save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter_config.json").write_text(json.dumps(peft_config(lora, base_model), indent=2) + "\n", encoding="utf-8")
-    return publish_dir(tmp, out_dir)
+    try:
+        tmp.mkdir(parents=True)
+        tensors = {peft_name(name): t.detach().float().cpu().contiguous() for name, t in trained.items()}
+        save_tensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        config = json.dumps(peft_config(lora, base_model), indent=2) + "\n"
+        (tmp / "adapter_config.json").write_text(config, encoding="utf-8")
+        return publish_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a failed write's partial folder
 
 
 def convert(checkpoint: str | Path, out_dir: str | Path, dtype: str = "auto", max_shard_size: str = "5GB") -> Path:

@@ -15,10 +15,12 @@ next to its place, then ``publish_dir(tmp, final)`` fsyncs it and renames it int
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 
 def temporary_name(path: str | os.PathLike[str]) -> Path:
@@ -104,3 +106,38 @@ def publish_dir(tmp: str | os.PathLike[str], final: str | os.PathLike[str], *, r
         os.rename(tmp, final)
     fsync_dir(final.parent)
     return final
+def save_tensors(tensors: Mapping[str, Any], path: str | os.PathLike[str], metadata: dict[str, str] | None = None,
+                 ) -> None:
+    """safetensors' ``save_file``, with a failed write raised as the ``OSError`` it is: safetensors
+    raises ``SafetensorError("... I/O error: No space left on device (os error 28)")`` instead."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def size_text(num_bytes: int) -> str:
+    """A size for a message: ``1.5 MB``, ``14.2 GB`` (decimal units, as ``df -H`` prints them)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes} bytes"
+
+
+def space_message(folder: str | os.PathLike[str], needed: int) -> str:
+    """``it needs about 1.5 MB, 0.3 MB are free under FOLDER`` (the nearest existing folder up)."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = size_text(shutil.disk_usage(probe).free)
+    except OSError:
+        free = "an unknown amount"
+    return f"it needs about {size_text(needed)}, {free} are free under {folder}"

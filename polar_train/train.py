@@ -120,7 +120,8 @@ def run(cfg: Config) -> dict[str, float]:
 
         if state.step == 0:
             state.last_eval = evaluate(0)
-        bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=dist.rank != 0, dynamic_ncols=True)
+        bar = held.enter_context(tqdm(total=total_steps, initial=state.step, desc="train", unit="step",  # closed on an error too
+                                      disable=dist.rank != 0, dynamic_ncols=True))
         for step in range(state.step, total_steps):
             t0 = time.perf_counter()
             epoch, in_epoch = divmod(step, planner.steps_per_epoch)

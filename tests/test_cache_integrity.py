@@ -13,11 +13,11 @@ import pyarrow as pa
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-import polar_train.store as store_module
+import polar_train.store_build as store_module
 from polar_train import cache_entry
 from polar_train.cache_entry import MANIFEST, check_entry, write_manifest
 from polar_train.errors import UserError
-from polar_train.store import load_pair_store
+from polar_train.store_build import load_pair_store
 from polar_train.train import run
 
 from test_resume import in_process_config, make_run_folder, metric_rows, one_thread  # noqa: F401

@@ -123,7 +123,7 @@ def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "save_file", crash)
+    monkeypatch.setattr(hf, "save_tensors", crash)
     with pytest.raises(OSError, match="disk full"):
         save_model(model, out, base_dir=base)
     assert sorted(p.name for p in out.iterdir()) == before

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import re
 import signal
 import socket
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import polar_train.train as train_module
 from polar_train import checkpoint
@@ -19,6 +23,9 @@ from polar_train.checkpoint import COMPLETE, complete_checkpoints
 from polar_train.cli import main as cli_main
 from polar_train.engine.torch import TorchEngine
 from polar_train.errors import UserError
+from polar_train.files import size_text
+from polar_train.model import ModelConfig
+from polar_train.model.hf import expected_shapes
 from polar_train.loss import pair_losses
 from polar_train.rundir import LOCK_FILE, hold_output_dir
 
@@ -86,34 +93,114 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(run_folder: Path, monkey
     assert not (run_folder / "all_bad" / "hf").exists()
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint(run_folder: Path, monkeypatch, capsys) -> None:
+def disk_full_on(monkeypatch: pytest.MonkeyPatch, name: str, calls: int) -> None:
+    """safetensors' ``save_file`` fails as it does on a full disk on its ``calls``-th file named
+    ``name*`` (a partial file written first); every other call writes."""
+    import safetensors.torch
+
+    save_file, seen = safetensors.torch.save_file, {"n": 0}
+
+    def full(tensors, filename: str, metadata=None) -> None:
+        if Path(filename).name.startswith(name):
+            seen["n"] += 1
+            if seen["n"] == calls:
+                Path(filename).write_bytes(b"partial")
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("fails", ["state", "COMPLETE"])
+def test_a_failed_save_keeps_the_previous_checkpoint(fails: str, run_folder: Path, monkeypatch, capsys) -> None:
     monkeypatch.chdir(run_folder)
-    save_file = checkpoint.save_file
-    shards = {"n": 0}
+    out = run_folder / f"full_disk_{fails}"
+    if fails == "state":  # the tiny model's state is one shard: one per save
+        disk_full_on(monkeypatch, "state-", 2)
+    else:  # renamed into place, then COMPLETE cannot be written
+        write_text, seen = checkpoint.write_text, {"n": 0}
 
-    def disk_full_on_second_save(tensors, path: str, metadata=None) -> None:
-        if Path(path).name.startswith("state-"):  # the tiny model's state is one shard: one per save
-            shards["n"] += 1
-            if shards["n"] == 2:
-                Path(path).write_bytes(b"partial")  # a partial write, then the disk is full
-                raise OSError(errno.ENOSPC, "No space left on device", path)
-        save_file(tensors, path, metadata=metadata)
+        def full(path, text):
+            seen["n"] += Path(path).name == COMPLETE
+            if seen["n"] == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return write_text(path, text)
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full_on_second_save)
-    assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 1
+        monkeypatch.setattr(checkpoint, "write_text", full)
+    assert cli_main(["train", "cfg.yaml", f"output_dir={out.name}", "train.save_steps=2"]) == 1
     err = capsys.readouterr().err
-    out = run_folder / "full_disk"
-    assert "polar-train: error: full_disk/checkpoints/step-4: checkpoint could not be written: No space left on device" in err
-    assert "step-2 is intact and checkpoint.resume=auto continues from it" in err
+    root = f"{out.name}/checkpoints"
+    needed = size_text(folder_bytes(out / "checkpoints" / "step-2"))
+    assert re.fullmatch(
+        rf"polar-train: error: {root}/step-4: checkpoint could not be written: No space left on device; it needs "
+        rf"about {needed}, [0-9.]+ (bytes|KB|MB|GB) are free under {root} \(free disk space or fix permissions under {root}, "
+        rf"lower checkpoint.save_total_limit, or set another output_dir; {root}/step-2 is intact and "
+        r"checkpoint.resume=auto continues from it\)", err.splitlines()[-1]), err
     assert "Traceback" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # no partial folder left
     assert (out / "checkpoints" / "step-2" / COMPLETE).exists()
 
-    monkeypatch.setattr(checkpoint, "save_file", save_file)  # the disk has space again: resume
-    assert cli_main(["train", "cfg.yaml", "output_dir=full_disk", "train.save_steps=2"]) == 0
-    assert cli_main(["train", "cfg.yaml", "output_dir=clean", "train.save_steps=2"]) == 0
-    assert metric_rows(out) == metric_rows(run_folder / "clean")
+    monkeypatch.undo()  # the disk has space again: resume
+    monkeypatch.chdir(run_folder)
+    assert cli_main(["train", "cfg.yaml", f"output_dir={out.name}", "train.save_steps=2"]) == 0
+    if fails == "state":
+        assert cli_main(["train", "cfg.yaml", "output_dir=clean", "train.save_steps=2"]) == 0
+        assert metric_rows(out) == metric_rows(run_folder / "clean")
     assert [s for s, _ in complete_checkpoints(out)] == [4, 6]
+
+
+def test_a_full_disk_at_the_export_names_the_folder_and_the_convert_command(run_folder: Path, monkeypatch,
+                                                                            capsys) -> None:
+    monkeypatch.chdir(run_folder)
+    disk_full_on(monkeypatch, "model-", 1)
+    assert cli_main(["train", "cfg.yaml", "output_dir=full_export", "train.save_steps=3"]) == 1
+    err = capsys.readouterr().err
+    # fp32, 2 layers of width 32, vocab 300 (embedding 300 x 32, v_head 32 + 1 ...): what the export writes
+    needed = size_text(4 * sum(math.prod(s) for s in expected_shapes(
+        ModelConfig.from_file(run_folder / "full_export" / "checkpoints" / "step-6" / "model_files" / "config.json")).values()))
+    assert re.fullmatch(
+        rf"polar-train: error: full_export/hf: the export could not be written: No space left on device; it needs about "
+        rf"{needed}, [0-9.]+ (bytes|KB|MB|GB) are free under full_export \(free disk space or fix permissions, then write it from "
+        r"the last checkpoint: polar-train convert full_export/checkpoints/step-6 full_export/hf\)", err.splitlines()[-1]), err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (run_folder / "full_export").iterdir() if p.name.startswith((".hf", "hf"))) == []
+    monkeypatch.undo()
+    monkeypatch.chdir(run_folder)
+    assert cli_main(["convert", "full_export/checkpoints/step-6", "full_export/hf"]) == 0
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_ends_in_one_line_and_the_run_resumes(run_folder: Path, tmp_path: Path, monkeypatch,
+                                                               capsys) -> None:
+    """On a 1.2 MB tmpfs three checkpoints of the tiny model (375 KB each) fit, the fourth does not."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.chdir(run_folder)
+        steps = [f"output_dir={disk / 'out'}", "checkpoint.save_steps=1", "checkpoint.save_total_limit=10"]
+        assert cli_main(["train", "cfg.yaml", *steps]) == 1
+        err = capsys.readouterr().err
+        root = disk / "out" / "checkpoints"
+        assert [s for s, _ in complete_checkpoints(disk / "out")] == [1, 2, 3]
+        assert sorted(p.name for p in root.iterdir()) == ["step-1", "step-2", "step-3"]  # no partial folder
+        assert re.fullmatch(
+            rf"polar-train: error: {root}/step-4: checkpoint could not be written: No space left on device; it needs "
+            rf"about {size_text(folder_bytes(root / 'step-3'))}, [0-9.]+ (bytes|KB|MB|GB) are free under {root} \(.*; "
+            rf"{root}/step-3 is intact and checkpoint.resume=auto continues from it\)", err[err.index("polar-train:"):-1])
+        assert "Traceback" not in err
+
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)  # space again: resume
+        assert cli_main(["train", "cfg.yaml", *steps]) == 0
+        assert cli_main(["train", "cfg.yaml", "output_dir=roomy"]) == 0
+        assert metric_rows(disk / "out") == metric_rows(run_folder / "roomy")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 @pytest.mark.slow

@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from huggingface_hub import split_state_dict_into_shards_factory
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from polar_train.errors import UserError
-from polar_train.files import publish_dir, temporary_name
+from polar_train.files import publish_dir, save_tensors, temporary_name
 from polar_train.model.attention import resolve_attention
 from polar_train.model.card import MODEL_CARD, REWARD_STATS, TRAINING_CONFIG, model_card, training_config_yaml
 from polar_train.model.internlm2 import InternLM2RewardModel, ModelConfig
@@ -314,7 +313,7 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
         weight_map: dict[str, str] = {}
         for i, names in enumerate(shards):
             file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file({n: cast(state_dict[n]) for n in names}, str(tmp / file), metadata={"format": "pt"})
+            save_tensors({n: cast(state_dict[n]) for n in names}, tmp / file, metadata={"format": "pt"})
             weight_map.update((n, file) for n in names)
         index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(weight_map.items()))}
         (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
