@@ -65,7 +65,11 @@ def import_deepspeed() -> Any:
     return deepspeed
 
 
-def init_distributed(backend: str, timeout: timedelta) -> None:
+def init_distributed(backend: str, timeout: timedelta, store: torch.distributed.Store | None = None) -> None:
+    """The process group (env://, or on ``store``: ``dist.attempt_store``), then DeepSpeed's view of it."""
+    if store is not None:
+        torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                             world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
     import_deepspeed().init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -104,7 +105,8 @@ def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if cuda:
         torch.cuda.set_device(local_rank)
-    init_distributed("nccl" if cuda else "gloo", timedelta(minutes=ds.timeout_minutes))
+    timeout = timedelta(minutes=ds.timeout_minutes)
+    init_distributed("nccl" if cuda else "gloo", timeout, attempt_store(timeout))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     dist = Dist(rank, world, local_rank, torch.device("cuda", local_rank) if cuda else torch.device("cpu"), True)
     try:
@@ -120,6 +122,48 @@ def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
         raise
     dist.barrier()
     torch.distributed.destroy_process_group()
+
+
+ATTEMPT_STORE_KEY = "polar_train/attempt_store_port"
+
+
+def attempt_store(timeout: timedelta) -> torch.distributed.Store | None:
+    """A TCPStore of this launch attempt alone, hosted by rank 0; None unless torchrun shares its own.
+
+    torchrun's c10d rendezvous (torch >= 2.5) hands the workers of EVERY attempt of a job the
+    elastic agent's store (``MASTER_PORT`` is its port, ``TORCHELASTIC_USE_AGENT_STORE=True``) and
+    keeps it across ``--max-restarts``, while the process group's keys carry no attempt in their
+    name: after a restart a rank can read the address a dead rank of the previous attempt wrote
+    there and connect to it (gloo: "connection refused", or a wait for a peer that never answers;
+    NCCL reads the old unique id: pytorch#135712). DeepSpeed's CPU shm all-reduce also names its
+    shared memory after ``MASTER_ADDR``/``MASTER_PORT``, which would map the dead ranks' segments.
+
+    So rank 0 serves a fresh store on a free port and writes the port into the agent's store; the
+    other ranks connect to the port they read, reading again while it is a dead attempt's (nothing
+    answers there); ``MASTER_PORT`` becomes the fresh port. A restart's count is no attempt id:
+    each node's agent counts its own restarts (the same pytorch issue).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    addr, rank, world = os.environ["MASTER_ADDR"], int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = torch.distributed.TCPStore(addr, int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
+    if rank == 0:
+        store = torch.distributed.TCPStore(addr, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        agent.set(ATTEMPT_STORE_KEY, str(store.port))
+    else:
+        deadline = time.monotonic() + timeout.total_seconds()
+        while True:
+            port = int(agent.get(ATTEMPT_STORE_KEY))  # waits until the first attempt's rank 0 wrote one
+            try:
+                store = torch.distributed.TCPStore(addr, port, world, is_master=False, timeout=timedelta(seconds=2))
+                break
+            except RuntimeError:  # DistNetworkError: a dead attempt's port: rank 0 has not written yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        store.set_timeout(timeout)
+    os.environ["MASTER_PORT"] = str(store.port)
+    return store
 
 
 def free_port() -> int:
