@@ -59,7 +59,7 @@ def test_polar_shaped_score_lora_train_convert(tmp_path: Path) -> None:
     assert final.keys() == conv.keys() == _weights(base).keys()
     for name in final:
         assert torch.equal(final[name], conv[name]), name
-    _run(*CLI, "score", "--model", converted, "--data", ROWS, "--output", tmp_path / "conv.jsonl", "--max-tokens", "512")
-    _run(*CLI, "score", "--model", run / "hf", "--data", ROWS, "--output", tmp_path / "final.jsonl", "--max-tokens", "512")
+    for model, out in ((converted, "conv.jsonl"), (run / "hf", "final.jsonl")):
+        _run(*CLI, "score", "--model", model, "--data", ROWS, "--output", tmp_path / out, "--max-tokens", "512")
     assert _rewards(tmp_path / "conv.jsonl") == _rewards(tmp_path / "final.jsonl")
     assert all(math.isfinite(r) for r in _rewards(tmp_path / "conv.jsonl"))
