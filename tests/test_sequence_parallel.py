@@ -7,6 +7,7 @@ is not, so a run with a valid train.sequence_parallel > 1 is refused in one line
 from __future__ import annotations
 
 import pytest
+import torch
 
 from polar_train import cli
 from polar_train.config import ConfigError
@@ -58,3 +59,55 @@ def test_through_train(override, where, fix, capsys, repo_root, tiny_tokenizer_p
     code, err = run_cli(capsys, "train", repo_root / "configs/demo.yaml", override, f"output_dir={tmp_path / 'run'}",
                         f"model.fresh.tokenizer={tiny_tokenizer_path}")
     assert_one_error(code, err, 2, where, fix)
+
+
+# --- the all-to-all attention layer (polar_train/model/ulysses.py), 2 gloo ranks --------------
+
+def _micro_batch():
+    from polar_train.packing import build_micro_batch
+    prefix = list(range(10, 27))  # 17 shared tokens: the cut at 11 falls inside the prefix
+    return build_micro_batch([(prefix + [1, 2, 3, 4, 5], prefix + [6, 7, 8]), ([30, 31, 32, 33], [30, 34, 35])],
+                             shared_prefix=True)
+
+
+def _qkv(num_tokens: int, nh: int, nkv: int):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(num_tokens, n, 8, generator=gen, dtype=torch.float64) for n in (nh, nkv, nkv)]
+
+
+def _reference(nh: int, nkv: int, backend: str = "sdpa"):
+    from polar_train.model.attention import plan_attention, varlen_attention
+    batch = _micro_batch()
+    q, k, v = (t.requires_grad_() for t in _qkv(batch.num_tokens, nh, nkv))
+    out = varlen_attention(q, k, v, plan_attention(batch.meta, backend, batch.num_tokens))
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    (out * weight).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad, weight
+
+
+def _rank_main(rank: int, world: int, init: str, nh: int, nkv: int, sizes: list[int], result: str) -> None:
+    import torch.distributed as tdist
+    from polar_train.model.attention import plan_attention
+    from polar_train.model.ulysses import ulysses_attention
+    tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    batch = _micro_batch()
+    start, end = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    q, k, v = (t[start:end].clone().requires_grad_() for t in _qkv(batch.num_tokens, nh, nkv))
+    out = ulysses_attention(q, k, v, plan_attention(batch.meta, "sdpa", batch.num_tokens), sizes, rank)
+    weight = torch.linspace(-1, 1, batch.num_tokens * nh * 8, dtype=out.dtype).view(batch.num_tokens, nh, 8)
+    (out * weight[start:end]).sum().backward()
+    torch.save((out.detach(), q.grad, k.grad, v.grad), f"{result}.{rank}")
+    tdist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nh, nkv", [(4, 2), (4, 1)])  # GQA; one KV head repeated over the group
+def test_ulysses_attention_equals_one_process(nh, nkv, tmp_path):
+    import torch.multiprocessing as mp
+    total = _micro_batch().num_tokens
+    sizes = [11, total - 11]  # uneven, the cut inside the first pair's shared prefix
+    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'init'}", nh, nkv, sizes, str(tmp_path / "r")), nprocs=2)
+    got = [torch.load(tmp_path / f"r.{r}") for r in range(2)]
+    out, gq, gk, gv, _ = _reference(nh, nkv)
+    for i, want in enumerate((out, gq, gk, gv)):
+        torch.testing.assert_close(torch.cat([g[i] for g in got]), want, rtol=1e-10, atol=1e-10)
