@@ -85,15 +85,27 @@ def _reference(nh: int, nkv: int, backend: str = "sdpa"):
     return out.detach(), q.grad, k.grad, v.grad, weight
 
 
-def _rank_main(rank: int, world: int, init: str, nh: int, nkv: int, sizes: list[int], result: str) -> None:
+def _rank_main(rank: int, world: int, init: str, nh: int, nkv: int, sizes: list[int], result: str,
+               kernel: str) -> None:
+    import inspect
+
     import torch.distributed as tdist
+    from polar_train.model import attention
     from polar_train.model.attention import plan_attention
     from polar_train.model.ulysses import ulysses_attention
+    from varlen_emulators import KERNELS
+    backend = "sdpa"
+    if kernel != "sdpa":  # the CPU emulator behind the CUDA branch (a spawned process has no monkeypatch)
+        backend, fn = KERNELS[kernel]
+        if backend == "flash_attn":
+            attention._flash_attn_fn = lambda: fn
+        else:
+            attention._torch_varlen_fn = lambda: (fn, frozenset(inspect.signature(fn).parameters))
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     batch = _micro_batch()
     start, end = sum(sizes[:rank]), sum(sizes[:rank + 1])
     q, k, v = (t[start:end].clone().requires_grad_() for t in _qkv(batch.num_tokens, nh, nkv))
-    out = ulysses_attention(q, k, v, plan_attention(batch.meta, "sdpa", batch.num_tokens), sizes, rank)
+    out = ulysses_attention(q, k, v, plan_attention(batch.meta, backend, batch.num_tokens), sizes, rank)
     weight = torch.linspace(-1, 1, batch.num_tokens * nh * 8, dtype=out.dtype).view(batch.num_tokens, nh, 8)
     (out * weight[start:end]).sum().backward()
     torch.save((out.detach(), q.grad, k.grad, v.grad), f"{result}.{rank}")
@@ -101,13 +113,19 @@ def _rank_main(rank: int, world: int, init: str, nh: int, nkv: int, sizes: list[
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nh, nkv", [(4, 2), (4, 1)])  # GQA; one KV head repeated over the group
-def test_ulysses_attention_equals_one_process(nh, nkv, tmp_path):
+@pytest.mark.parametrize("nh, nkv, kernel", [
+    (4, 2, "sdpa"),  # GQA
+    (4, 1, "sdpa"),  # one KV head, repeated over the group
+    (4, 2, "flash_attn"),  # the CUDA branches' emulators under SP == sdpa in one process
+    (4, 2, "torch_varlen-2.12"),
+])
+def test_ulysses_attention_equals_one_process(nh, nkv, kernel, tmp_path):
     import torch.multiprocessing as mp
     total = _micro_batch().num_tokens
     sizes = [11, total - 11]  # uneven, the cut inside the first pair's shared prefix
-    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'init'}", nh, nkv, sizes, str(tmp_path / "r")), nprocs=2)
+    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'init'}", nh, nkv, sizes, str(tmp_path / "r"), kernel), nprocs=2)
     got = [torch.load(tmp_path / f"r.{r}") for r in range(2)]
     out, gq, gk, gv, _ = _reference(nh, nkv)
+    tol = 1e-9 if kernel == "sdpa" else 1e-5  # the emulators compute in float32 (fp64 in, fp32 inside)
     for i, want in enumerate((out, gq, gk, gv)):
-        torch.testing.assert_close(torch.cat([g[i] for g in got]), want, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(torch.cat([g[i] for g in got]), want, rtol=tol, atol=tol)
