@@ -169,9 +169,10 @@ class TrainSection:
     eval_steps: int = resumable(0)  # evaluate every N steps (and at start and end); 0 = start and end only
     log_steps: int = resumable(1)  # write a train metrics line every N steps
     max_bad_steps: int = resumable(5)  # non-finite steps in a row before the run stops
+    sequence_parallel: int = 1  # ranks per sequence-parallel group (issue 18; checked in engine.sequence_parallel)
 
     def problems(self) -> list[str]:
-        found = _positive(self, "pairs_per_step", "log_steps", "max_bad_steps")
+        found = _positive(self, "pairs_per_step", "log_steps", "max_bad_steps", "sequence_parallel")
         found += _non_negative(self, "max_steps", "epochs", "eval_steps")
         if self.max_steps == 0 and self.epochs == 0:
             found.append("max_steps: both train.max_steps and train.epochs are 0 (set one of them)")

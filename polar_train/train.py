@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from polar_train.checkpoint import TrainerState, find_resume, fresh_state, load_checkpoint, save_checkpoint
 from polar_train.config import Config, LossSection, ScheduleSection, to_dict
 from polar_train.engine import build_engine, distributed, lr_at
+from polar_train.engine.sequence_parallel import plan_sequence_parallel, refuse_unbuilt
 from polar_train.errors import TrainingError
 from polar_train.evaluate import build_report, group_rewards, implied_pairs, list_loss, write_report
 from polar_train.export import export_hf
@@ -63,6 +64,9 @@ def run(cfg: Config) -> dict[str, float]:
                                                lambda: find_resume(out, cfg.checkpoint, cfg.model.lora))
 
         source = ModelSource.from_config(cfg.model, cfg.seed)
+        # before any tokenizing: a group that cannot split the heads fails in one line
+        refuse_unbuilt(plan_sequence_parallel(cfg.train.sequence_parallel, dist.world_size,
+                                              source.config.num_attention_heads, source.config.num_key_value_heads))
         tokenizer = load_tokenizer(source.files_dir, trust_remote_code=cfg.model.trust_remote_code)
         special_token_ids(tokenizer, source.config.reward_token_id)
         share_max_len = source.config.share_max_len
