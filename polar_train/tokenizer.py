@@ -153,6 +153,25 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """``[tokenizer.encode(t, add_special_tokens=True) for t in texts]``, id for id, in one batch call.
+
+    A fast tokenizer's backend ``encode_batch`` (the call ``tokenizer(texts)`` makes, without its
+    attention masks and offsets) runs the batch in Rust, over the cores it may use. Tokenizing is
+    most of the cost of building the store (docs/benchmarks.md). Truncation and padding stay off, as
+    ``encode`` leaves them. A slow (Python) tokenizer is called text by text.
+    """
+    if not texts:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenizer.encode(text, add_special_tokens=True) for text in texts]
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:  # left by a caller: what encode would undo
+        backend.no_truncation()
+        backend.no_padding()
+    return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=True)]
+
+
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or "<tokenizer>")
 

@@ -58,8 +58,8 @@ def test_train_data_path_reproduces_expected_ids(tmp_path, real_dir, real_tokeni
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "output"}) + "\n" for r in rows))
     for num_proc in (1, 2):
-        store, stats = load_pair_store([str(data)], real_tokenizer, str(real_dir), cache_dir=str(tmp_path / f"c{num_proc}"),
-                                       num_proc=num_proc, reward_token_id=REWARD_ID)
+        store, stats = load_pair_store([str(data)], real_tokenizer, str(real_dir), num_proc=num_proc,
+                                       cache_dir=str(tmp_path / f"c{num_proc}"), reward_token_id=REWARD_ID)
         assert stats.num_pairs == len(cases)
         assert [chosen for chosen, _ in store.read_pairs(range(len(cases)))] == [c["input_ids"] for c in cases]
 
@@ -75,7 +75,8 @@ def test_score_reproduces_expected_ids_and_their_rewards(tmp_path, real_dir, cas
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config.raw))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-    for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_internlm2.py", "tokenization_internlm2_fast.py"):
+    for name in ("tokenizer.model", "tokenizer_config.json", "tokenization_internlm2.py",
+                 "tokenization_internlm2_fast.py"):
         shutil.copy(real_dir / name, folder / name)
     seen: list[list[int]] = []
     encode = scoring.encode_candidates
@@ -120,7 +121,8 @@ def test_remote_code_needing_a_missing_package_names_it(tmp_path, monkeypatch, t
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     folder = shutil.copytree(tiny_tokenizer_path, tmp_path / "custom")
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="CustomTokenizer", auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
+    config.update(tokenizer_class="CustomTokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "tokenization_custom.py").write_text("import polar_missing_pkg\n")
     (folder / "tokenizer.json").unlink()
@@ -128,6 +130,62 @@ def test_remote_code_needing_a_missing_package_names_it(tmp_path, monkeypatch, t
     with pytest.raises(UserError) as info:
         load_tokenizer(folder, trust_remote_code=True)
     message = str(info.value)
-    assert message.startswith(f"{folder}: loading this tokenizer needs the Python package 'polar_missing_pkg', which is "
-                              "not installed (")
+    assert message.startswith(f"{folder}: loading this tokenizer needs the Python package 'polar_missing_pkg', "
+                              "which is not installed (")
     assert message.endswith("(install it: pip install polar_missing_pkg)")
+
+
+# --- batched tokenization (the store build) == one text at a time --------------------------------
+
+EDGE_TEXTS = [
+    "", " ", "  ", "\n", "\n\n\t ", "a  b   c", " leading", "trailing ", "<s>", "</s>", "<unk>", "a<s>b</s>c",
+    "[UNUSED_TOKEN_130]", "x[UNUSED_TOKEN_130]", "<|reward|><|reward|>", "a<|reward|>b",
+    "[UNUSED_TOKEN_5] [UNUSED_TOKEN_146]", "emoji 😀🤖 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "\u200b\u00a0\ufeff zero-width", "é vs e\u0301",
+    "中文，标点。「引号」", "مرحبا", "\x00\x01\x7f",
+    "▁ literal metaspace", "What is the capital of China?\nBeijing.",
+]
+
+
+@pytest.fixture(scope="session", params=["real", "demo", "tiny"])
+def any_tokenizer(request, real_tokenizer, demo_tokenizer, tiny_tokenizer):
+    return {"real": real_tokenizer, "demo": demo_tokenizer, "tiny": tiny_tokenizer}[request.param]
+
+
+def test_encode_texts_equals_encode_one_by_one(any_tokenizer, cases):
+    from polar_train.tokenizer import encode_texts
+
+    texts = EDGE_TEXTS + [c["text"] for c in cases] + ["".join(EDGE_TEXTS) * 3]
+    one_by_one = [any_tokenizer.encode(t, add_special_tokens=True) for t in texts]
+    assert encode_texts(any_tokenizer, texts) == one_by_one
+    assert encode_texts(any_tokenizer, []) == []
+    any_tokenizer(["a", "b c"], truncation=True, max_length=2)  # a call that leaves truncation set on the backend
+    assert encode_texts(any_tokenizer, texts) == one_by_one
+
+
+def test_batched_rows_equal_encode_candidates_text_by_text(any_tokenizer, cases):
+    """encode_preferences (the store build: two batch calls for all rows) against data.encode_candidates
+    (tokenizer.encode text by text), on pairs from the fixture rows and the edge texts, with limits that
+    truncate prompts and responses and drop some rows; and ranked lists against their rows one by one."""
+    from polar_train.data import encode_candidates
+    from polar_train.ranked import encode_preference, encode_preferences, parse_preference
+
+    sep_id, reward_id = special_token_ids(any_tokenizer, None)
+    texts = EDGE_TEXTS + [c["text"] for c in cases]
+    rows = [{"prompt": texts[k], "reference": texts[(k + 3) % len(texts)], "chosen": texts[(k + 7) % len(texts)],
+             "rejected": texts[(k + 11) % len(texts)], **({"wrapper": "pretrain"} if k % 5 == 0 else {})}
+            for k in range(len(texts))]
+    lists = [{"prompt": texts[k], "ranked": [texts[(k + j) % len(texts)] for j in range(1, 5)]}
+             for k in range(len(texts))]
+    for max_length, max_response in ((16384, 4096), (96, 24), (16, 8)):
+        limits = dict(max_length=max_length, max_response_length=max_response, sep_id=sep_id, reward_id=reward_id)
+        prefs = [parse_preference(r) for r in rows]
+        batched = encode_preferences(any_tokenizer, prefs, **limits)
+        one_by_one = [encode_candidates(any_tokenizer, p.prompt, p.reference, p.candidates, p.wrapper, **limits)
+                      for p in prefs]
+        assert [e and e.seqs for e in batched] == [e and e.input_ids for e in one_by_one]
+        assert any(e is None for e in batched) == (max_length == 16)
+        if max_length == 96:  # both kinds of truncation happen
+            assert any(e.prompt_truncated for e in batched if e) and any(e.response_truncated for e in batched if e)
+        list_prefs = [parse_preference(r) for r in lists]
+        assert encode_preferences(any_tokenizer, list_prefs, **limits) == [encode_preference(any_tokenizer, p, **limits)
+                                                                            for p in list_prefs]
