@@ -190,8 +190,15 @@ def _tokenize_pieces(pieces: Sequence[_Piece], files: Sequence[str], folder: Pat
     # fork: the workers start at once with the tokenizer in memory (they use no torch, no threads)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(len(pieces), mp_context=context) as pool:
-        futures = [pool.submit(_tokenize_piece, p, files, str(folder), tokenizer, settings) for p in pieces]
+        futures = [pool.submit(_tokenize_piece_in_worker, p, files, str(folder), tokenizer, settings) for p in pieces]
         return [f.result() for f in futures]
+
+
+def _tokenize_piece_in_worker(*args: Any) -> dict[str, Any]:
+    """``_tokenize_piece`` in one of ``data.num_proc`` processes: its batch calls stay on one thread
+    (the processes already share the cores). Set before the worker's first batch call."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return _tokenize_piece(*args)
 
 
 def _merge(results: Sequence[dict[str, Any]], files: Sequence[str]) -> DataStats:
