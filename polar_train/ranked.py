@@ -28,12 +28,14 @@ sequence, the one ``polar-train score`` gives it alone.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
 from polar_train.data import JsonRow, json_type, flatten_text, polar_text
+from polar_train.tokenizer import encode_texts
 
 LIST_FIELDS = ("ranked", "candidates")
 
@@ -161,16 +163,50 @@ def encode_preference(
 
     For a pair row this is ``data.encode_candidates(..., [chosen, rejected])``, id for id.
     """
-    prompt_ids = tokenizer.encode(pref.prompt, add_special_tokens=True)
-    ref_ids = tokenizer.encode(pref.reference, add_special_tokens=True)
-    out_ids = [tokenizer.encode(c, add_special_tokens=True) for c in pref.candidates]
+    return encode_preferences(tokenizer, [pref], max_length=max_length, max_response_length=max_response_length,
+                              sep_id=sep_id, reward_id=reward_id)[0]
+
+
+def encode_preferences(
+    tokenizer: PreTrainedTokenizerBase, prefs: Sequence[Preference], *, max_length: int = 16384,
+    max_response_length: int = 4096, sep_id: int, reward_id: int,
+) -> list[EncodedPreference | None]:
+    """``encode_preference`` of each row, id for id, with two batched tokenizer calls for all of them.
+
+    The fields of every row are encoded in one call, then every row's SPEC 3 texts in another
+    (``tokenizer.encode_texts``): what the store build spends most of its time on.
+    """
+    fields = encode_texts(tokenizer, [t for pref in prefs for t in (pref.prompt, pref.reference, *pref.candidates)])
+    plans, texts, start = [], [], 0
+    for pref in prefs:
+        ids = fields[start : start + 2 + len(pref.candidates)]
+        start += len(ids)
+        plan = _plan(tokenizer, pref, ids[0], ids[1], ids[2:], max_length, max_response_length, sep_id)
+        plans.append(plan)
+        texts.extend(plan[0] if plan is not None else [])
+    seqs = iter(encode_texts(tokenizer, texts))
+    encoded: list[EncodedPreference | None] = []
+    for plan in plans:
+        if plan is None:
+            encoded.append(None)
+            continue
+        plan_texts, better, worse, order, too_long, truncated, response_truncated = plan
+        encoded.append(EncodedPreference([next(seqs) + [reward_id] for _ in plan_texts], better, worse, order, too_long,
+                                         truncated, response_truncated))
+    return encoded
+
+
+def _plan(tokenizer: PreTrainedTokenizerBase, pref: Preference, prompt_ids: list[int], ref_ids: list[int],
+          out_ids: list[list[int]], max_length: int, max_response_length: int, sep_id: int) -> tuple[Any, ...] | None:
+    """One row's SPEC 3 texts (each to be encoded with BOS, then the reward id appended) and its
+    pairs and order as indices into them; None when no implied pair fits."""
     response_truncated = any(len(ids) > max_response_length for ids in (ref_ids, *out_ids))
     ref_ids = ref_ids[:max_response_length]
     out_ids = [ids[:max_response_length] for ids in out_ids]
     budget = max_length - 4  # room for <|reward|>, two "\n" and the reward token (SPEC 3 step 4)
     own = [(budget - len(ref_ids) - len(ids)) // 2 for ids in out_ids]  # P_i
 
-    seqs: list[list[int]] = []
+    texts: list[str] = []
     index: dict[tuple[int, int], int] = {}  # (candidate, prompt tokens kept) -> sequence
 
     listed: dict[int, tuple[int, int]] = {}  # candidate -> (prompt tokens kept, sequence) for ``order``
@@ -178,9 +214,9 @@ def encode_preference(
     def sequence(k: int, prompt_budget: int) -> int:
         kept = min(prompt_budget, len(prompt_ids))  # every budget >= the prompt keeps all of it
         if (k, kept) not in index:
-            text = polar_text(tokenizer, prompt_ids[len(prompt_ids) - kept:], ref_ids, out_ids[k], pref.wrapper, sep_id)
-            index[k, kept] = len(seqs)
-            seqs.append(tokenizer.encode(text, add_special_tokens=True) + [reward_id])
+            index[k, kept] = len(texts)
+            kept_prompt = prompt_ids[len(prompt_ids) - kept:]
+            texts.append(polar_text(tokenizer, kept_prompt, ref_ids, out_ids[k], pref.wrapper, sep_id))
         listed[k] = max(listed.get(k, (-1, 0)), (kept, index[k, kept]))
         return index[k, kept]
 
@@ -196,4 +232,4 @@ def encode_preference(
     if not better:
         return None
     order = [listed[k][1] for k in pref.order if k in listed]
-    return EncodedPreference(seqs, better, worse, order, too_long, truncated, response_truncated)
+    return texts, better, worse, order, too_long, truncated, response_truncated

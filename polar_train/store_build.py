@@ -34,14 +34,14 @@ from polar_train.config import DataSection
 from polar_train.data import DataStats, OnError, SkippedRow, check_rows_read, iter_jsonl_rows
 from polar_train.errors import UserError
 from polar_train.packing import shared_prefix_length
-from polar_train.ranked import check_preference, encode_preference, preference_of
+from polar_train.ranked import Preference, check_preference, encode_preferences, preference_of
 from polar_train.ranks import Ranks
 from polar_train.store import SCHEMA, PairStore
 from polar_train.tokenizer import special_token_ids
 
 logger = logging.getLogger("polar_train")
 
-_BATCH_ROWS = 1024  # rows a tokenizing process holds before writing them out as one record batch
+_BATCH_ROWS = 1024  # rows a tokenizing process encodes in one batch and writes out as one record batch
 
 
 @dataclass
@@ -141,6 +141,26 @@ def _tokenize_piece(piece: _Piece, files: Sequence[str], folder: str, tokenizer:
                 for values in columns.values():
                     values.clear()
 
+        pending: list[tuple[str, Preference]] = []  # (FILE:LINE, row) read, not yet tokenized
+
+        def tokenize_pending() -> None:
+            """Encode the pending rows in one batch (two tokenizer calls) and write them out."""
+            for (source, pref), encoded in zip(pending, encode_preferences(tokenizer, [p for _, p in pending],
+                                                                           **settings["encode"])):
+                if encoded is None:
+                    stats.num_too_long += 1
+                    if len(stats.too_long_sources) < DataStats.NUM_EXAMPLES:
+                        stats.too_long_sources.append(source)
+                    continue
+                stats.count_row(pref.is_list, encoded)
+                seqs = encoded.seqs
+                for name, value in zip(SCHEMA.names, (seqs, encoded.better, encoded.worse, encoded.order, source,
+                                                      sum(map(len, seqs)), max(map(len, seqs)), len(seqs),
+                                                      shared_prefix_length(*seqs), len(encoded.better))):
+                    columns[name].append(value)
+            pending.clear()
+            flush()
+
         try:
             for f, first, end in piece.ranges:
                 for row in iter_jsonl_rows(files[f], ("prompt",), on_error=settings["on_error"], lines=(first, end),
@@ -150,22 +170,12 @@ def _tokenize_piece(piece: _Piece, files: Sequence[str], folder: str, tokenizer:
                         stats.skipped.append(row)
                         continue
                     rows_per_file[f] += 1
-                    encoded = encode_preference(tokenizer, pref := preference_of(row), **settings["encode"])
-                    if encoded is None:
-                        stats.num_too_long += 1
-                        if len(stats.too_long_sources) < DataStats.NUM_EXAMPLES:
-                            stats.too_long_sources.append(row.source)
-                        continue
-                    stats.count_row(pref.is_list, encoded)
-                    seqs = encoded.seqs
-                    for name, value in zip(SCHEMA.names, (seqs, encoded.better, encoded.worse, encoded.order, row.source, sum(
-                            map(len, seqs)), max(map(len, seqs)), len(seqs), shared_prefix_length(*seqs), len(encoded.better))):
-                        columns[name].append(value)
-                    if len(columns["source"]) >= _BATCH_ROWS:
-                        flush()
+                    pending.append((row.source, preference_of(row)))
+                    if len(pending) >= _BATCH_ROWS:
+                        tokenize_pending()
         except UserError as error:
             return {"error": [error.where, error.what, error.fix]}
-        flush()
+        tokenize_pending()
     stats.num_pairs = stats.num_rows - len(stats.skipped) - stats.num_too_long
     stats.num_skipped = len(stats.skipped)
     return {"error": None, "stats": stats.as_dict(max_skipped=None), "rows_per_file": rows_per_file}
@@ -179,8 +189,15 @@ def _tokenize_pieces(pieces: Sequence[_Piece], files: Sequence[str], folder: Pat
     # fork: the workers start at once with the tokenizer in memory (they use no torch, no threads)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(len(pieces), mp_context=context) as pool:
-        futures = [pool.submit(_tokenize_piece, p, files, str(folder), tokenizer, settings) for p in pieces]
+        futures = [pool.submit(_tokenize_piece_in_worker, p, files, str(folder), tokenizer, settings) for p in pieces]
         return [f.result() for f in futures]
+
+
+def _tokenize_piece_in_worker(*args: Any) -> dict[str, Any]:
+    """``_tokenize_piece`` in one of ``data.num_proc`` processes: its batch calls stay on one thread
+    (the processes already share the cores). Set before the worker's first batch call."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return _tokenize_piece(*args)
 
 
 def _merge(results: Sequence[dict[str, Any]], files: Sequence[str]) -> DataStats:

@@ -20,12 +20,15 @@ import contextlib
 import json
 import logging
 import os
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from polar_train.errors import UserError
+from polar_train.internlm2_tokenizer import build_internlm2_tokenizer, is_internlm2_folder
 
 logger = logging.getLogger("polar_train")
 
@@ -41,24 +44,32 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 TOKENIZER_FILE_PATTERNS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
                            "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "*.tiktoken",
                            "chat_template.jinja", "tokenization_*.py")
-# Real POLAR checkpoints ship InternLM2's tokenizer as remote code (tokenizer_config.json auto_map).
-REMOTE_TOKENIZER_GLOB = "tokenization_internlm2*.py"
+# Tokenizer code a folder may ship (tokenizer_config.json auto_map); POLAR's own is never run (load_tokenizer).
+REMOTE_TOKENIZER_GLOB = "tokenization_*.py"
 
 
 def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = False,
                    opt_in: str = "model.trust_remote_code=true") -> PreTrainedTokenizerBase:
     """Load the tokenizer stored in the folder ``path`` (a checkpoint or a tokenizer-only folder).
 
-    Plain ``AutoTokenizer`` first (``trust_remote_code=False`` explicitly, so transformers never
-    stops to ask on a terminal). POLAR base checkpoints declare their tokenizer as remote code
-    (``tokenization_internlm2.py`` + a sentencepiece ``tokenizer.model``), which plain loading
-    refuses. Running that code is the user's explicit choice, as in Hugging Face's own
-    convention: with ``trust_remote_code`` the folder's tokenizer code runs; without it a
-    ``UserError`` names the file that would run and ``opt_in``, the setting that allows it
-    (``model.trust_remote_code=true`` in a config, ``--trust-remote-code`` on the command line).
-    The model itself never runs remote code (polar_train has its own InternLM2 implementation).
+    Which path runs (the same on transformers 4.x and 5.x):
 
-    Raises ``UserError`` when the folder does not exist, holds no tokenizer, or fails to load.
+    1. InternLM2's sentencepiece tokenizer (``tokenizer.model`` with ``tokenizer_config.json``
+       naming ``InternLM2Tokenizer``: every POLAR checkpoint) is built by
+       ``internlm2_tokenizer.build_internlm2_tokenizer`` from ``tokenizer.model``; the folder's
+       ``tokenization_internlm2*.py`` never runs, whatever ``trust_remote_code`` says. (Under
+       transformers 5 that code no longer gives the reference ids, and plain loading refuses
+       the folder because of its ``auto_map``.)
+    2. Anything else: plain ``AutoTokenizer`` (``trust_remote_code=False`` explicitly, so
+       transformers never stops to ask on a terminal).
+    3. If that fails and the folder ships tokenizer code (``tokenization_*.py``), running it is
+       the user's explicit choice, as in Hugging Face's own convention: with ``trust_remote_code``
+       it runs; without it a ``UserError`` names the file that would run and ``opt_in``, the
+       setting that allows it (``model.trust_remote_code=true`` in a config, ``--trust-remote-code``
+       on the command line). The model itself never runs remote code.
+
+    Raises ``UserError`` when the folder does not exist, holds no tokenizer, fails to load, or
+    needs a Python package that is not installed (named, with its pip command).
     """
     folder = Path(path)
     where = str(path)
@@ -72,12 +83,18 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
             "copy tokenizer.json or tokenizer.model, tokenizer_config.json and tokenization_*.py "
             "from the base checkpoint into it",
         )
+    if is_internlm2_folder(folder):
+        tokenizer = build_internlm2_tokenizer(folder)
+        logger.info("tokenizer: InternLM2's tokenizer built from %s (its tokenization_*.py code is not run)",
+                    folder / "tokenizer.model")
+        return tokenizer
     try:
         with _quiet_transformers():
             return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception as plain_error:  # transformers raises ValueError, OSError, ImportError, ...
         remote_files = sorted(folder.glob(REMOTE_TOKENIZER_GLOB))
         if not remote_files:
+            _raise_if_missing_package(where, plain_error)
             raise UserError(where, f"could not load the tokenizer: {plain_error}", "check the tokenizer files in this folder") from plain_error
         if not trust_remote_code:
             raise UserError(remote_files[0], "the tokenizer is Python code shipped with the model, and loading it runs "
@@ -86,29 +103,73 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
             with _quiet_transformers():
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=True)
         except Exception as remote_error:
+            _raise_if_missing_package(where, remote_error)
             raise UserError(
                 where,
                 f"could not load the tokenizer: plain loading failed ({plain_error}); "
                 f"with its remote code ({remote_files[0].name}) it failed too ({remote_error})",
-                "check that the tokenizer files come from the same POLAR release",
+                "check that the tokenizer files come from the same release",
             ) from remote_error
         logger.info("tokenizer: loaded %s with its own code (%s)", type(tokenizer).__name__, remote_files[0].name)
         return tokenizer
+
+
+# Import names whose pip package has another name.
+_PIP_NAMES = {"google": "protobuf", "sentencepiece": "sentencepiece", "tiktoken": "tiktoken"}
+_MISSING_PATTERNS = (re.compile(r"No module named '([\w.]+)'"), re.compile(r"\b(\w+) is required\b"),
+                     re.compile(r"requires the (\w+) library"),
+                     re.compile(r"requires the following packages that were not found in your environment: ([\w.-]+)"))
+
+
+def _raise_if_missing_package(where: str, error: BaseException) -> None:
+    """A load that failed for want of a Python package: one line naming it and its pip command."""
+    name = error.name if isinstance(error, ModuleNotFoundError) else None
+    for pattern in _MISSING_PATTERNS:
+        found = pattern.search(str(error)) if name is None else None
+        name = name or (found.group(1) if found else None)
+    if name:
+        package = _PIP_NAMES.get(name.split(".")[0].lower(), name.split(".")[0])
+        raise UserError(where, f"loading this tokenizer needs the Python package '{package}', which is not installed "
+                        f"({error})", f"install it: pip install {package}") from None
 
 
 @contextlib.contextmanager
 def _quiet_transformers():
     """AutoTokenizer reads a checkpoint's config.json and warns that transformers has no
     ``internlm2`` model type and no ``rope_scaling`` attribute: true, and irrelevant to a
-    tokenizer (our model reads config.json itself). Errors still surface."""
+    tokenizer (our model reads config.json itself). Under transformers 5, a folder's
+    ``configuration_internlm2.py`` (run with the tokenizer's remote code) assigns
+    ``self.rope_scaling``, which transformers 5 answers with a FutureWarning on every command:
+    that one warning, and only while the tokenizer loads, is ignored. Errors still surface."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`rope_scaling` is deprecated", category=FutureWarning)
+            yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """``[tokenizer.encode(t, add_special_tokens=True) for t in texts]``, id for id, in one batch call.
+
+    A fast tokenizer's backend ``encode_batch`` (the call ``tokenizer(texts)`` makes, without its
+    attention masks and offsets) runs the batch in Rust, over the cores it may use. Tokenizing is
+    most of the cost of building the store (docs/benchmarks.md). Truncation and padding stay off, as
+    ``encode`` leaves them. A slow (Python) tokenizer is called text by text.
+    """
+    if not texts:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        return [tokenizer.encode(text, add_special_tokens=True) for text in texts]
+    backend = tokenizer.backend_tokenizer
+    if backend.truncation is not None or backend.padding is not None:  # left by a caller: what encode would undo
+        backend.no_truncation()
+        backend.no_padding()
+    return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=True)]
 
 
 def _tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:

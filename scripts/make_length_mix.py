@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 LENGTHS = {  # field: (median tokens, sigma, min, max)
@@ -49,9 +50,10 @@ def main() -> None:
     parser.add_argument("--out", default="data/length_mix.jsonl")
     args = parser.parse_args()
 
-    from transformers import AutoTokenizer
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from polar_train.tokenizer import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)  # as training loads it (POLAR's real one included)
     special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in ("<|reward|>", "[UNUSED_TOKEN_130]")}
     # plain word-like tokens only: a space-led alphanumeric piece re-tokenises to itself
     words = []

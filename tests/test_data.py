@@ -153,7 +153,8 @@ def test_load_tokenizer_errors(tmp_path: Path, fixture_dir: Path) -> None:
 
 
 def test_the_folders_tokenizer_code_runs_only_when_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A POLAR-style folder: tokenizer declared as remote code; plain loading refuses it. Without
+    """A folder whose tokenizer is declared as remote code (not InternLM2's, which is built without it:
+    tests/test_tokenizer_real.py); plain loading refuses it. Without
     the opt-in, one line names the file and the setting, and the code does not run."""
     import transformers.dynamic_module_utils as dynamic
 
@@ -161,21 +162,21 @@ def test_the_folders_tokenizer_code_runs_only_when_allowed(tmp_path: Path, monke
     folder = tmp_path / "polar_like"
     save_tokenizer(build_tokenizer(["What is 7 + 5?"], vocab_size=270), folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="InternLM2Tokenizer",
-                  auto_map={"AutoTokenizer": [None, "tokenization_internlm2_fast.InternLM2TokenizerFast"]})
+    config.update(tokenizer_class="CustomTokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_custom_fast.CustomTokenizerFast"]})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "tokenization_internlm2_fast.py").write_text(
+    (folder / "tokenization_custom_fast.py").write_text(
         f"from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n\nPath({str(tmp_path / 'ran')!r}).touch()\n\n"
-        "class InternLM2TokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
+        "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n"
     )
     for opt_in in ("model.trust_remote_code=true", "--trust-remote-code"):
         with pytest.raises(UserError, match=f"runs this file \\(if you trust this folder, allow it with {opt_in}\\)") as info:
             load_tokenizer(folder, opt_in=opt_in)
-        assert info.value.where == str(folder / "tokenization_internlm2_fast.py")
+        assert info.value.where == str(folder / "tokenization_custom_fast.py")
     assert not (tmp_path / "ran").exists()
     tok = load_tokenizer(folder, trust_remote_code=True)
     assert (tmp_path / "ran").exists()
-    assert type(tok).__name__ == "InternLM2TokenizerFast"
+    assert type(tok).__name__ == "CustomTokenizerFast"
     assert special_token_ids(tok, None) == (SEP_ID, REWARD_ID)
 
 

@@ -103,6 +103,6 @@ def test_shipped_distributed_configs_load_with_the_recipe(repo_root: Path, name:
     assert (cfg.deepspeed.enabled, cfg.deepspeed.zero_stage, cfg.optimizer.lr) == (True, stage, lr)
     assert (cfg.optimizer.betas, cfg.optimizer.weight_decay, cfg.optimizer.grad_clip) == ([0.9, 0.95], 0.0, 1.0)
     assert (cfg.schedule.warmup_ratio, cfg.schedule.min_lr_ratio, cfg.engine.precision) == (0.03, 0.1, "bf16")
-    assert cfg.model.trust_remote_code  # POLAR's tokenizer ships as code
+    assert not cfg.model.trust_remote_code  # POLAR's tokenizer is built from tokenizer.model: none of its code runs
     assert (cfg.data.max_length, cfg.data.max_response_length, cfg.train.pairs_per_step) == (16384, 4096, 320)
     assert cfg.data.max_tokens >= 2 * cfg.data.max_length  # any pair of two full-length sequences fits

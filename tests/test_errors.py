@@ -483,20 +483,20 @@ def test_a_damaged_base_folder_is_one_line_naming_the_file(damage, command, tmp_
 
 
 def test_tokenizer_code_in_a_model_folder_runs_only_when_allowed(tmp_path, capsys, monkeypatch, repo_root, tiny_model_dir):
-    """A folder whose tokenizer is code (as POLAR's): `data` and `score` name the file and the opt-in,
+    """A folder whose tokenizer is code (not InternLM2's, built without it): `data` and `score` name the file and the opt-in,
     and the code does not run; --trust-remote-code reaches load_tokenizer (tests/test_data.py runs it)."""
     model = copy_dir(tiny_model_dir, tmp_path / "model")
     config = json.loads((model / "tokenizer_config.json").read_text())
-    config.update(tokenizer_class="InternLM2Tokenizer",
-                  auto_map={"AutoTokenizer": [None, "tokenization_internlm2_fast.InternLM2TokenizerFast"]})
+    config.update(tokenizer_class="CustomTokenizer",
+                  auto_map={"AutoTokenizer": [None, "tokenization_custom_fast.CustomTokenizerFast"]})
     (model / "tokenizer_config.json").write_text(json.dumps(config))
-    code_file = model / "tokenization_internlm2_fast.py"
+    code_file = model / "tokenization_custom_fast.py"
     code_file.write_text(f"from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n\n"
                          f"Path({str(tmp_path / 'ran')!r}).touch()\n\n\n"
-                         "class InternLM2TokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
-    # as in POLAR's folders, plain loading cannot read the tokenizer: no tokenizer.json, a tokenizer.model for the code
+                         "class CustomTokenizerFast(PreTrainedTokenizerFast):\n    pass\n")
+    # plain loading cannot read the tokenizer: no tokenizer.json, a tokenizer.model only the code reads
     (model / "tokenizer.json").unlink()
-    (model / "tokenizer.model").write_bytes(b"read by tokenization_internlm2_fast.py only")
+    (model / "tokenizer.model").write_bytes(b"read by tokenization_custom_fast.py only")
     data = write_lines(tmp_path / "pairs.jsonl", [GOOD])
     train_args = [f"model.path={model}", f"data.train_files={data}", "data.eval_files=[]", "data.cache_dir="]
     code, err = run_cli(capsys, "data", repo_root / "configs/demo.yaml", *train_args)
