@@ -125,6 +125,11 @@ def padded_batch(pairs, device):
 
 # ---- measurement ----
 
+def pair_index(mb) -> torch.Tensor:
+    """Flat reward positions: every pair's chosen, then every pair's rejected (``rewards.chunk(2)``)."""
+    return torch.cat([mb.seq_index[mb.better], mb.seq_index[mb.worse]])
+
+
 def attended_pairs(lq: int, lk: int) -> int:
     """(query, key) pairs a bottom-right causal mask allows."""
     return lq * (lk - lq) + lq * (lq + 1) // 2
@@ -163,7 +168,7 @@ def run_mode(mode, model, opt, steps_plan, pairs, device, cast, sync):
                 tokens += mb.num_tokens
                 mb = mb.to(device)
                 with cast:
-                    rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()
+                    rewards = model(mb.input_ids, mb.position_ids, mb.meta, pair_index(mb)).float()
                 c, r = rewards.chunk(2)
                 (-F.logsigmoid(c - r)).sum().div(step_pairs).backward()
         opt.step()
@@ -227,7 +232,7 @@ def lora_vs_full(args, pairs, tokenizer, reward_id, attention, device, sync) -> 
             for mb in pack_step(plan_bins, pairs, shared_prefix=True):
                 mb = mb.to(device)
                 with cast:
-                    rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.reward_index).float()
+                    rewards = model(mb.input_ids, mb.position_ids, mb.meta, pair_index(mb)).float()
                 c, r = rewards.chunk(2)
                 (-F.logsigmoid(c - r)).sum().div(step_pairs).backward()
             grads = tensor_bytes(p.grad for p in trainable if p.grad is not None)
