@@ -214,3 +214,22 @@ def test_only_the_rope_scaling_future_warning_is_silenced_while_a_tokenizer_load
     outside = caught(False)
     assert outside == (["`rope_scaling`", "another"] if int(transformers.__version__.split(".")[0]) >= 5 else ["another"])
     assert caught(True) == ["another"]
+
+
+def test_a_folder_that_cannot_be_built_is_one_line(tmp_path, real_dir):
+    folder = shutil.copytree(real_dir, tmp_path / "copy")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["92544"] = {"content": "<|extra|>", "special": True}  # one past the model's pieces
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.encode("a<|extra|>", add_special_tokens=False)[-1] == 92544 and len(tok) == VOCAB + 1
+    config["added_tokens_decoder"]["92546"] = {"content": "<|gap|>", "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as info:
+        load_tokenizer(folder)
+    assert str(info.value) == (f"{folder / 'tokenizer_config.json'}: added token '<|gap|>' should have id 92546 but gets "
+                               "92545 (number added_tokens_decoder's ids past the sentencepiece model one after the other)")
+    (folder / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(UserError, match=r"tokenizer.model: not a readable sentencepiece model \(.*\) \(copy "
+                                        r"tokenizer.model again from the base checkpoint\)$"):
+        load_tokenizer(folder)
