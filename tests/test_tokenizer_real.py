@@ -212,7 +212,8 @@ def test_only_the_rope_scaling_future_warning_is_silenced_while_a_tokenizer_load
     import transformers
 
     outside = caught(False)
-    assert outside == (["`rope_scaling`", "another"] if int(transformers.__version__.split(".")[0]) >= 5 else ["another"])
+    major = int(transformers.__version__.split(".")[0])
+    assert outside == (["`rope_scaling`", "another"] if major >= 5 else ["another"])
     assert caught(True) == ["another"]
 
 
@@ -227,8 +228,9 @@ def test_a_folder_that_cannot_be_built_is_one_line(tmp_path, real_dir):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(UserError) as info:
         load_tokenizer(folder)
-    assert str(info.value) == (f"{folder / 'tokenizer_config.json'}: added token '<|gap|>' should have id 92546 but gets "
-                               "92545 (number added_tokens_decoder's ids past the sentencepiece model one after the other)")
+    assert str(info.value) == (f"{folder / 'tokenizer_config.json'}: added token '<|gap|>' should have id 92546 "
+                               "but gets 92545 (number added_tokens_decoder's ids past the sentencepiece model "
+                               "one after the other)")
     (folder / "tokenizer.model").write_bytes(b"not a model")
     with pytest.raises(UserError, match=r"tokenizer.model: not a readable sentencepiece model \(.*\) \(copy "
                                         r"tokenizer.model again from the base checkpoint\)$"):
