@@ -33,7 +33,8 @@ RowCheck = Callable[[dict[str, Any]], Any]  # validates a parsed row, raises Val
 WRAPPERS = ("sft", "pretrain")
 PAIR_FIELDS = ("prompt", "reference", "chosen", "rejected")
 # Bump when the encoding or the cached columns change: old caches then stop matching.
-ENCODING_VERSION = 4  # 4: ranked lists (a row = sequences + implied pairs); 3: Arrow shards with the length columns (polar_train.store); 2: every skipped row listed
+# 5: POLAR's tokenizer built from tokenizer.model (its remote code under transformers 5 cached other ids)
+ENCODING_VERSION = 5  # 4: ranked lists (a row = sequences + implied pairs); 3: Arrow shards with the length columns (polar_train.store); 2: every skipped row listed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ _NAMED = {0: "<unk>", 1: "<s>", 2: "</s>"}  # InternLM2Converter.vocab
 def is_internlm2_folder(folder: Path) -> bool:
     """True when ``folder`` holds a sentencepiece ``tokenizer.model`` whose config names InternLM2's classes."""
     config = _read_config(folder)
-    named = [config.get("tokenizer_class"), *config.get("auto_map", {}).get("AutoTokenizer", [])]
+    auto = config.get("auto_map")
+    auto = auto.get("AutoTokenizer") if isinstance(auto, dict) else None
+    named = [config.get("tokenizer_class"), *(auto if isinstance(auto, list) else [auto])]
     return (folder / "tokenizer.model").is_file() and any(
         isinstance(name, str) and name.rsplit(".", 1)[-1] in INTERNLM2_CLASSES for name in named)
 
@@ -106,6 +108,28 @@ def _merges(pieces: list[str], vocab: list[tuple[str, float]]) -> list[tuple[str
     return [(left, right) for _, left, right in ranked]
 
 
+def _added_tokens(folder: Path, config: dict[str, Any], num_pieces: int) -> list[tuple[int, Any]]:
+    """``tokenizer_config.json``'s ``added_tokens_decoder`` as ``(id, AddedToken)`` in id order, every
+    one special (the converter registers them all with ``add_special_tokens``)."""
+    from tokenizers import AddedToken
+
+    entries = config.get("added_tokens_decoder", {})
+    where = folder / "tokenizer_config.json"
+    if not isinstance(entries, dict):
+        raise UserError(where, f"added_tokens_decoder is {entries!r}", "expected an object of id -> token")
+    added = []
+    for key, entry in entries.items():
+        content = _token_content(entry)
+        if not str(key).isdigit() or content is None:
+            raise UserError(where, f"added_tokens_decoder entry {key!r} is {entry!r}",
+                            "expected a numeric id and a token with a 'content' string")
+        flags = {k: bool(entry.get(k, default)) for k, default in
+                 (("lstrip", False), ("rstrip", False), ("single_word", False), ("normalized", False))
+                 } if isinstance(entry, dict) else {}
+        added.append((int(key), AddedToken(content, special=True, **flags)))
+    return sorted(added, key=lambda item: item[0])
+
+
 def build_internlm2_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     """The fast tokenizer of an InternLM2 folder (``tokenizer.model`` + ``tokenizer_config.json``), no remote code."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
@@ -115,20 +139,19 @@ def build_internlm2_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     proto = _load_model_proto(folder / "tokenizer.model")
     pieces = [p.piece for p in proto.pieces]
     vocab = [(_NAMED.get(i, p.piece), p.score) for i, p in enumerate(proto.pieces)]
-    added: list[tuple[int, AddedToken]] = []
-    for key, entry in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
-        token_id, content = int(key), _token_content(entry)
-        if content is None or not 0 <= token_id < len(vocab):
-            raise UserError(folder / "tokenizer_config.json", f"added_tokens_decoder entry {key} is {entry!r}",
-                            f"expected an id below {len(vocab)} with a 'content' string")
-        vocab[token_id] = (content, vocab[token_id][1])
-        flags = {k: bool(entry.get(k, False)) for k in ("lstrip", "rstrip", "single_word")
-                 } if isinstance(entry, dict) else {}
-        added.append((token_id, AddedToken(content, special=True, normalized=False, **flags)))
+    added = _added_tokens(folder, config, len(vocab))
+    for token_id, token in added:  # as InternLM2Converter: the model's piece at that id takes the token's name
+        if token_id < len(vocab):
+            vocab[token_id] = (token.content, vocab[token_id][1])
 
     backend = Tokenizer(models.BPE({piece: i for i, (piece, _) in enumerate(vocab)}, _merges(pieces, vocab),
                                    unk_token=proto.trainer_spec.unk_piece, fuse_unk=True, byte_fallback=True))
-    backend.add_special_tokens([token for _, token in added])
+    for token_id, token in added:  # in id order: one past the model's pieces gets the next id
+        backend.add_special_tokens([token])
+        if backend.token_to_id(token.content) != token_id:
+            raise UserError(folder / "tokenizer_config.json", f"added token {token.content!r} should have id "
+                            f"{token_id} but gets {backend.token_to_id(token.content)}",
+                            "number added_tokens_decoder's ids past the sentencepiece model one after the other")
     dummy_prefix = proto.normalizer_spec.add_dummy_prefix
     backend.normalizer = normalizers.Sequence(
         [*([normalizers.Prepend("▁")] if dummy_prefix else []), normalizers.Replace(" ", "▁")])

@@ -4,6 +4,7 @@ list through the train data path (the store build) and through ``polar-train sco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -189,3 +190,48 @@ def test_batched_rows_equal_encode_candidates_text_by_text(any_tokenizer, cases)
         list_prefs = [parse_preference(r) for r in lists]
         assert encode_preferences(any_tokenizer, list_prefs, **limits) == [encode_preference(any_tokenizer, p, **limits)
                                                                             for p in list_prefs]
+
+
+def test_only_the_rope_scaling_future_warning_is_silenced_while_a_tokenizer_loads():
+    """A folder's configuration_internlm2.py assigns ``config.rope_scaling``, which transformers 5
+    answers with a FutureWarning; it is ignored while the tokenizer loads, nothing else is."""
+    import warnings
+
+    from transformers import PretrainedConfig
+
+    from polar_train.tokenizer import _quiet_transformers
+
+    def caught(inside: bool) -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with _quiet_transformers() if inside else contextlib.nullcontext():
+                PretrainedConfig().rope_scaling = {"type": "dynamic", "factor": 2.0}
+                warnings.warn("another deprecation", FutureWarning)
+        return [str(w.message).split(" ")[0] for w in seen]
+
+    import transformers
+
+    outside = caught(False)
+    major = int(transformers.__version__.split(".")[0])
+    assert outside == (["`rope_scaling`", "another"] if major >= 5 else ["another"])
+    assert caught(True) == ["another"]
+
+
+def test_a_folder_that_cannot_be_built_is_one_line(tmp_path, real_dir):
+    folder = shutil.copytree(real_dir, tmp_path / "copy")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["92544"] = {"content": "<|extra|>", "special": True}  # one past the model's pieces
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    assert tok.encode("a<|extra|>", add_special_tokens=False)[-1] == 92544 and len(tok) == VOCAB + 1
+    config["added_tokens_decoder"]["92546"] = {"content": "<|gap|>", "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as info:
+        load_tokenizer(folder)
+    assert str(info.value) == (f"{folder / 'tokenizer_config.json'}: added token '<|gap|>' should have id 92546 "
+                               "but gets 92545 (number added_tokens_decoder's ids past the sentencepiece model "
+                               "one after the other)")
+    (folder / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(UserError, match=r"tokenizer.model: not a readable sentencepiece model \(.*\) \(copy "
+                                        r"tokenizer.model again from the base checkpoint\)$"):
+        load_tokenizer(folder)
