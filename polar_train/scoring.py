@@ -50,7 +50,7 @@ from polar_train.data import (WRAPPERS, EncodedCandidates, JsonRow, check_rows_r
 from polar_train.engine.protocol import DTYPES, resolve_precision
 from polar_train.errors import UserError
 from polar_train.evaluate import (InferenceStats, autocast_to, build_report, group_rewards, implied_pairs,
-                                  normalize_rewards, read_reward_stats, write_report)
+                                  normalize_rewards, write_report)
 from polar_train.files import write_text
 from polar_train.model import InternLM2RewardModel, load_model
 from polar_train.ranked import EncodedPreference, Preference, check_preference, encode_preference, preference_of

@@ -46,26 +46,18 @@ def _heads_to_seq(x: torch.Tensor, sizes: list[int], rank: int, group: Any) -> t
     return got.view(sp, n, hs, hd).transpose(0, 1).reshape(n, sp * hs, hd)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, sizes: list[int], rank: int, group: Any) -> torch.Tensor:
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _seq_to_heads(x, sizes, rank, group)
+class _Exchange(torch.autograd.Function):
+    """Sequence -> heads (``to_heads``) or back; the gradient takes the opposite exchange."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _heads_to_seq(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, sizes: list[int], rank: int, group: Any) -> torch.Tensor:
-        ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _heads_to_seq(x, sizes, rank, group)
+    def forward(ctx: Any, x: torch.Tensor, to_heads: bool, sizes: list[int], rank: int, group: Any) -> torch.Tensor:
+        ctx.to_heads, ctx.sizes, ctx.rank, ctx.group = to_heads, sizes, rank, group
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, sizes, rank, group)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        return _seq_to_heads(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        back = _heads_to_seq if ctx.to_heads else _seq_to_heads
+        return back(grad, ctx.sizes, ctx.rank, ctx.group), None, None, None, None
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan, sizes: list[int],
@@ -75,5 +67,5 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     sp = len(sizes)
     if k.shape[1] % sp:  # fewer KV heads than ranks: repeat each so every rank gets its own copy
         k, v = k.repeat_interleave(sp // k.shape[1], dim=1), v.repeat_interleave(sp // v.shape[1], dim=1)
-    q, k, v = (_SeqToHeads.apply(t, sizes, rank, group) for t in (q, k, v))
-    return _HeadsToSeq.apply(varlen_attention(q, k, v, plan), sizes, rank, group)
+    q, k, v = (_Exchange.apply(t, True, sizes, rank, group) for t in (q, k, v))
+    return _Exchange.apply(varlen_attention(q, k, v, plan), False, sizes, rank, group)
