@@ -8,7 +8,8 @@ frozen ``...wqkv.weight``::
 
     model.layers.0.attention.wqkv.lora_A    [r, in]   (ours; peft: base_model.model.<same>.lora_A.weight)
     model.layers.0.attention.wqkv.lora_B    [out, r]  (ours; peft: base_model.model.<same>.lora_B.weight)
-    v_head.weight                           [1, H]    trained in full (peft: modules_to_save, base_model.model.v_head.weight)
+    v_head.weight                           [1, H]    trained in full
+                                                      (peft: modules_to_save, base_model.model.v_head.weight)
 
 The update of the weight is ``(alpha / r) * lora_B @ lora_A`` (Hu et al. 2021, arXiv 2106.09685,
 Eq. 3; peft's ``scaling``).
@@ -105,7 +106,8 @@ def check_resume_lora(saved: dict[str, Any] | None, lora: LoraSection, ckpt: obj
         raise UserError("model.lora.rank", f"is {lora.rank}, but {ckpt} is a checkpoint of a full fine-tune (no LoRA)",
                         "resume it with model.lora.rank=0, or start the LoRA run in a new output_dir")
     if now is None:
-        raise UserError("model.lora.rank", f"is 0 (a full fine-tune), but {ckpt} is a LoRA checkpoint (rank {saved['rank']})",
+        raise UserError("model.lora.rank",
+                        f"is 0 (a full fine-tune), but {ckpt} is a LoRA checkpoint (rank {saved['rank']})",
                         f"resume it with model.lora.rank={saved['rank']}, or start the full run in a new output_dir")
     key = next(k for k in now if saved.get(k) != now[k])
     raise UserError(f"model.lora.{key}", f"is {now[key]!r}, but {ckpt} was written with {saved.get(key)!r}",

@@ -27,7 +27,8 @@ def _hash_tokenizer_files(digest: Any, tokenizer_path: str) -> None:
         digest.update(path.read_bytes())
 
 
-def dataset_cache_key(files: Sequence[str], tokenizer_path: str, *, max_length: int, max_response_length: int, on_error: str) -> str:
+def dataset_cache_key(files: Sequence[str], tokenizer_path: str, *, max_length: int, max_response_length: int,
+                      on_error: str) -> str:
     """sha256 of everything that decides the tokenized dataset (file paths and bytes, tokenizer files, lengths)."""
     import tokenizers
     import transformers

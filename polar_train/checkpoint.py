@@ -104,7 +104,8 @@ def save_checkpoint(engine: Engine, dist: Dist, out: Path, state: TrainerState, 
             shutil.rmtree(tmp, ignore_errors=True)
             if final.is_dir() and not (final / COMPLETE).is_file():  # renamed, but COMPLETE could not be written
                 shutil.rmtree(final, ignore_errors=True)
-        keep = f"{previous} is intact and checkpoint.resume=auto continues from it" if previous else "no earlier checkpoint exists"
+        keep = (f"{previous} is intact and checkpoint.resume=auto continues from it" if previous
+                else "no earlier checkpoint exists")
         what = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
         # what a checkpoint takes: the previous one's size, else fp32 master + 2 AdamW moments per trainable parameter
         needed = (sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous
@@ -226,7 +227,8 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
     done = {p for _, p in complete}
     for path in root.iterdir():
-        if path.is_dir() and path not in done and (path.name.startswith(".tmp-step-") or _STEP_DIR.fullmatch(path.name)):
+        stale = path.name.startswith(".tmp-step-") or _STEP_DIR.fullmatch(path.name)
+        if path.is_dir() and path not in done and stale:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -237,7 +239,8 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every complete checkpoint under ``out/checkpoints``, oldest first."""
     root = out / CHECKPOINTS
     paths = root.iterdir() if root.is_dir() else []
-    return sorted((int(m.group(1)), p) for p in paths if (m := _STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file())
+    steps = ((m, p) for p in paths if (m := _STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file())
+    return sorted((int(m.group(1)), p) for m, p in steps)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -254,12 +257,14 @@ def resolve_checkpoint(path: str | Path, where: str) -> Path:
     if (path / STATE_FILE).is_file() or _STEP_DIR.fullmatch(path.name):
         if not (path / COMPLETE).is_file():
             raise UserError(where, f"{path} is an incomplete checkpoint (its save was interrupted)",
-                            f"use an earlier step-N folder, or the run's output_dir {path.parent.parent} for its latest complete one")
+                            f"use an earlier step-N folder, or the run's output_dir {path.parent.parent} "
+                            "for its latest complete one")
         return path
     if (path / CHECKPOINTS).is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
-            raise UserError(where, f"{path / CHECKPOINTS} holds no complete checkpoint", "the run saved none yet (checkpoint.save_steps)")
+            raise UserError(where, f"{path / CHECKPOINTS} holds no complete checkpoint",
+                            "the run saved none yet (checkpoint.save_steps)")
         return latest
     raise UserError(where, f"{path} is not a checkpoint", expected)
 
@@ -272,7 +277,8 @@ def find_resume(out: Path, checkpoint: CheckpointSection, lora: LoraSection) -> 
     if resume == "never":
         earlier = latest_checkpoint(out)
         if earlier is not None:  # a fresh run among them would be pruned first and mixed up on resume
-            raise UserError("checkpoint.resume", f"is never, but {out / CHECKPOINTS} holds an earlier run's checkpoints "
+            raise UserError("checkpoint.resume",
+                            f"is never, but {out / CHECKPOINTS} holds an earlier run's checkpoints "
                             f"(latest {earlier.name})", "continue it with checkpoint.resume=auto, delete that folder, "
                             "or choose another output_dir")
         return None

@@ -34,7 +34,9 @@ WRAPPERS = ("sft", "pretrain")
 PAIR_FIELDS = ("prompt", "reference", "chosen", "rejected")
 # Bump when the encoding or the cached columns change: old caches then stop matching.
 # 5: POLAR's tokenizer built from tokenizer.model (its remote code under transformers 5 cached other ids)
-ENCODING_VERSION = 5  # 4: ranked lists (a row = sequences + implied pairs); 3: Arrow shards with the length columns (polar_train.store); 2: every skipped row listed
+# 4: ranked lists (a row = sequences + implied pairs); 3: Arrow shards with the length columns
+# (polar_train.store); 2: every skipped row listed
+ENCODING_VERSION = 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +80,8 @@ def json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    return {str: "string", int: "integer", float: "number", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+    names = {str: "string", int: "integer", float: "number", list: "list", dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def flatten_text(value: Any, field_name: str) -> str:
@@ -97,11 +100,14 @@ def flatten_text(value: Any, field_name: str) -> str:
     contents = []
     for index, message in enumerate(value, start=1):
         if not isinstance(message, dict):
-            raise ValueError(f"field '{field_name}': message {index} is of type {json_type(message)}; expected an object with a 'content' string")
+            raise ValueError(f"field '{field_name}': message {index} is of type {json_type(message)}; "
+                             "expected an object with a 'content' string")
         if "content" not in message:
-            raise ValueError(f"field '{field_name}': message {index} has no 'content'; expected an object with a 'content' string")
+            raise ValueError(f"field '{field_name}': message {index} has no 'content'; "
+                             "expected an object with a 'content' string")
         if not isinstance(message["content"], str):
-            raise ValueError(f"field '{field_name}': message {index} has 'content' of type {json_type(message['content'])}; expected a string")
+            raise ValueError(f"field '{field_name}': message {index} has 'content' of type "
+                             f"{json_type(message['content'])}; expected a string")
         contents.append(message["content"])
     return "\n".join(contents)
 
@@ -185,7 +191,8 @@ def decode_line(raw_line: bytes, number: int) -> str | None:
     try:
         line = raw_line.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise ValueError(f"the line is not valid UTF-8 (byte 0x{raw_line[error.start]:02x} at byte {error.start + 1})") from None
+        byte = raw_line[error.start]
+        raise ValueError(f"the line is not valid UTF-8 (byte 0x{byte:02x} at byte {error.start + 1})") from None
     if number == 1:
         line = line.removeprefix("\ufeff")
     return line if line.strip() else None
@@ -229,7 +236,8 @@ def check_rows_read(name: str, num_rows: int, first_skipped: Sequence[SkippedRow
     raise UserError(name, "no rows", "the file must hold one JSON object per line")
 
 
-def read_jsonl_pairs(path: str | os.PathLike[str], on_error: OnError = "raise") -> tuple[list[PairRecord], list[SkippedRow]]:
+def read_jsonl_pairs(path: str | os.PathLike[str],
+                     on_error: OnError = "raise") -> tuple[list[PairRecord], list[SkippedRow]]:
     """Read preference pairs (SPEC 2): ``prompt``, ``reference``, ``chosen``, ``rejected``, optional ``wrapper``.
 
     See ``read_jsonl_rows`` for validation. ``reference`` may be ``""``.
@@ -375,7 +383,8 @@ class DataStats:
     tokens_as_lists: int = 0  # tokens the kept rows cost with the shared prefix (a list: prefix + K suffixes)
     tokens_as_pairs: int = 0  # tokens they would cost expanded into pair rows, each with its shared prefix
 
-    LIST_COUNTS: ClassVar[tuple[str, ...]] = ("num_lists", "num_implied_pairs", "num_pairs_too_long", "num_identical_pairs",
+    LIST_COUNTS: ClassVar[tuple[str, ...]] = ("num_lists", "num_implied_pairs", "num_pairs_too_long",
+                                              "num_identical_pairs",
                                               "tokens_as_lists", "tokens_as_pairs")
 
     def count_row(self, is_list: bool, encoded: Any) -> None:
@@ -397,7 +406,8 @@ class DataStats:
 
     def summary(self) -> str:
         """One log line (the first few too-long and skipped rows only)."""
-        lists = (f" ({self.num_lists} ranked lists, {self.num_implied_pairs} implied pairs, {self.tokens_as_lists} tokens "
+        lists = (f" ({self.num_lists} ranked lists, {self.num_implied_pairs} implied pairs, "
+                 f"{self.tokens_as_lists} tokens "
                  f"vs {self.tokens_as_pairs} as pair rows)" if self.num_lists else "")
         line = (f"{self.num_pairs} pairs{lists} ({self.num_tokens} tokens) from {self.num_rows} rows; "
                 f"{self.num_too_long} too long, {self.num_skipped} bad rows skipped; truncated: "

@@ -43,7 +43,8 @@ def packing_stats(
     plain = lengths.costs(False)
     costs = lengths.costs(shared_prefix, share_max_len)
     kept = costs <= max_tokens
-    planner = StepPlanner(costs[kept], pairs_per_step=pairs_per_step, max_tokens=max_tokens, num_ranks=num_ranks, seed=seed)
+    planner = StepPlanner(costs[kept], pairs_per_step=pairs_per_step, max_tokens=max_tokens, num_ranks=num_ranks,
+                          seed=seed)
     num_mb = sum(len(rank) for k in range(planner.steps_per_epoch) for rank in planner.plan(0, k))
     real, unshared = int(costs[kept].sum()), int(plain[kept].sum())
     return {

@@ -178,7 +178,8 @@ def group_rewards(
     return [values[offsets[g]:offsets[g + 1]] for g in range(len(groups))]
 
 
-def autocast_to(dtype: torch.dtype | None, device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager] | None:
+def autocast_to(dtype: torch.dtype | None,
+                device: torch.device | str) -> Callable[[], contextlib.AbstractContextManager] | None:
     """The ``autocast`` argument of ``group_rewards`` that computes in ``dtype`` (None: as stored)."""
     if dtype is None:
         return None
@@ -389,7 +390,8 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike[str], chosen
         _histograms(out / REWARDS_PLOT, [("chosen", c, "tab:green"), ("rejected", r, "tab:red")],
                     f"Rewards of {n} pairs", "reward")
         accuracy = report.get("accuracy")
-        title = f"Margin chosen - rejected (accuracy {accuracy:.3f})" if accuracy is not None else "Margin chosen - rejected"
+        title = "Margin chosen - rejected"
+        title += f" (accuracy {accuracy:.3f})" if accuracy is not None else ""
         _histograms(out / MARGIN_PLOT, [("margin", c - r, "tab:blue")], title, "reward margin", zero_line=True)
         written[REWARDS_PLOT] = out / REWARDS_PLOT
         written[MARGIN_PLOT] = out / MARGIN_PLOT

@@ -132,7 +132,7 @@ def _added_tokens(folder: Path, config: dict[str, Any], num_pieces: int) -> list
 
 def build_internlm2_tokenizer(folder: str | Path) -> PreTrainedTokenizerFast:
     """The fast tokenizer of an InternLM2 folder (``tokenizer.model`` + ``tokenizer_config.json``), no remote code."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
 
     folder = Path(folder)
     config = _read_config(folder)

@@ -73,7 +73,8 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor, weight: torch.Tenso
     """
     c, r, w = chosen.detach().float(), rejected.detach().float(), weight.float()
     return torch.stack(
-        [w.sum(), (w * (c > r).float()).sum(), (w * (c - r)).sum(), (w * c).sum(), (w * r).sum(), (w * (c * c + r * r)).sum()]
+        [w.sum(), (w * (c > r).float()).sum(), (w * (c - r)).sum(), (w * c).sum(), (w * r).sum(),
+         (w * (c * c + r * r)).sum()]
     )
 
 

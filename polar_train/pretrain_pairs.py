@@ -121,7 +121,8 @@ def parse_sample(line: str, source: str) -> Sample:
             raise ValueError(f"field '{name}' is missing; expected {expected}")
     policy = obj["policy"]
     if not isinstance(policy, str):
-        raise ValueError(f"field 'policy' is of type {json_type(policy)}; expected a non-empty string naming the model that wrote the output")
+        raise ValueError(f"field 'policy' is of type {json_type(policy)}; "
+                         "expected a non-empty string naming the model that wrote the output")
     if not policy.strip():
         raise ValueError("field 'policy' is empty; expected the name of the model that wrote the output")
     texts = {}
@@ -134,7 +135,8 @@ def parse_sample(line: str, source: str) -> Sample:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError as error:
-                raise ValueError(f"field '{name}' holds an unpaired surrogate escape (\\u{ord(text[error.start]):04x}); "
+                code = ord(text[error.start])
+                raise ValueError(f"field '{name}' holds an unpaired surrogate escape (\\u{code:04x}); "
                                  f"expected valid Unicode text") from None
     wrapper = obj.get("wrapper")
     if wrapper is None:  # absent or null: the default, as for pair rows
@@ -168,7 +170,8 @@ def read_samples(path: str, progress: tqdm | None = None) -> Iterator[Sample]:
             num_valid += 1
             yield sample
     if not num_valid:
-        raise UserError(path, "no samples", "the file must hold one JSON object per line with prompt, policy and output")
+        raise UserError(path, "no samples",
+                        "the file must hold one JSON object per line with prompt, policy and output")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +298,8 @@ def _groups(path: Path, max_bucket_bytes: int, depth: int) -> Iterator[list[Samp
     """The prompt groups of one bucket file, splitting it again first when it is too large."""
     size = path.stat().st_size
     if size > max_bucket_bytes and depth < _MAX_SPLIT_DEPTH:
-        parts = _split(_read_bucket(path), path.with_name(path.name + ".split"), _num_buckets(size, max_bucket_bytes), salt=depth + 1)
+        num_buckets = _num_buckets(size, max_bucket_bytes)
+        parts = _split(_read_bucket(path), path.with_name(path.name + ".split"), num_buckets, salt=depth + 1)
         path.unlink()
         # One part as large as the whole: a single huge group (hash collisions of distinct groups
         # at every depth are vanishingly unlikely); group it in memory, it is the bound.
@@ -375,7 +379,8 @@ def build_pretrain_pairs(
             if not stats.num_rows:
                 raise UserError(", ".join(names), f"no prompt can form a pair ({stats.num_prompts} prompts: "
                                 f"{stats.num_one_policy} with one policy only, {stats.num_no_repeat} without a policy "
-                                f"that has two samples)", "each prompt needs two samples of one policy and one of another")
+                                f"that has two samples)",
+                                "each prompt needs two samples of one policy and one of another")
 
         write_atomically(out, write_rows)  # a reader never sees half a file; nothing left when it fails
     finally:

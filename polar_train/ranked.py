@@ -67,12 +67,14 @@ def _texts(obj: dict[str, Any], name: str) -> list[str]:
 
 def _scores(obj: dict[str, Any], count: int) -> list[float]:
     if "scores" not in obj:
-        raise ValueError("field 'scores' is missing; a 'candidates' row needs one score per candidate (higher is better)")
+        raise ValueError("field 'scores' is missing; "
+                         "a 'candidates' row needs one score per candidate (higher is better)")
     scores = obj["scores"]
     if not isinstance(scores, list):
         raise ValueError(f"field 'scores' is of type {json_type(scores)}; expected a list of numbers")
     if len(scores) != count:
-        raise ValueError(f"field 'scores' has {len(scores)} values for {count} candidates; expected one score per candidate")
+        raise ValueError(f"field 'scores' has {len(scores)} values for {count} candidates; "
+                         "expected one score per candidate")
     for k, s in enumerate(scores):
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
             raise ValueError(f"field 'scores[{k}]' is {json_value(s)}; expected a finite number")

@@ -73,7 +73,8 @@ def training_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     Old key names (``config.ALIASES``: a run folder written before a key moved) count as their
     new names.
 
-    >>> training_differences({"train": {"lr": 1e-5, "log_steps": 1}}, {"optimizer": {"lr": 2e-5}, "train": {"log_steps": 9}})
+    >>> training_differences({"train": {"lr": 1e-5, "log_steps": 1}},
+    ...                      {"optimizer": {"lr": 2e-5}, "train": {"log_steps": 9}})
     [('optimizer.lr', 1e-05, 2e-05)]
     """
     old_flat, new_flat = ({ALIASES.get(k, k): v for k, v in flatten(tree).items()} for tree in (old, new))
@@ -133,7 +134,8 @@ def prepare_output_dir(out: str | os.PathLike[str], config: Mapping[str, Any]) -
         out.mkdir(parents=True, exist_ok=True)
         write_text(saved, yaml.safe_dump(new, sort_keys=False))
     except OSError as error:
-        raise UserError(getattr(error, "filename", None) or out, f"cannot write the output folder: {error.strerror or error}",
+        raise UserError(getattr(error, "filename", None) or out,
+                        f"cannot write the output folder: {error.strerror or error}",
                         "set output_dir to a folder you can write to") from None
 
 
@@ -148,7 +150,8 @@ def write_skipped_rows(out: str | os.PathLike[str], skipped: Mapping[str, Sequen
     PosixPath('.../skipped_rows.jsonl')
     """
     path = Path(out) / SKIPPED_ROWS_FILE
-    rows = [{"split": split, "source": row.source, "reason": row.reason} for split, rows in skipped.items() for row in rows]
+    rows = [{"split": split, "source": row.source, "reason": row.reason}
+            for split, rows in skipped.items() for row in rows]
     if not rows:
         path.unlink(missing_ok=True)
         return None
@@ -180,7 +183,8 @@ def hold_output_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise UserError(getattr(error, "filename", None) or out, f"cannot write the output folder: {error.strerror or error}",
+        raise UserError(getattr(error, "filename", None) or out,
+                        f"cannot write the output folder: {error.strerror or error}",
                         "set output_dir to a folder you can write to") from None
     try:
         try:
@@ -222,7 +226,8 @@ def preflight(data: DataSection, model: ModelSection, deepspeed: DeepSpeedSectio
     tokenizer_path = model.path or model.fresh.tokenizer
     if not Path(tokenizer_path).is_dir():
         key = "model.path" if model.path else "model.fresh.tokenizer"
-        raise UserError(tokenizer_path, f"tokenizer folder not found ({key})", "give the folder that holds tokenizer.json or tokenizer.model")
+        raise UserError(tokenizer_path, f"tokenizer folder not found ({key})",
+                        "give the folder that holds tokenizer.json or tokenizer.model")
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=model.trust_remote_code)
     special_token_ids(tokenizer, model_config.reward_token_id if model_config else None)
     if model_config is not None and len(tokenizer) > model_config.vocab_size:
@@ -247,7 +252,8 @@ def check_data_file(name: str, key: str = "data.train_files") -> None:
         with path.open("rb") as f:
             first = f.read(1)
     except OSError as error:
-        raise UserError(name, f"cannot read the data file: {error.strerror or error}", "check its permissions") from None
+        raise UserError(name, f"cannot read the data file: {error.strerror or error}",
+                        "check its permissions") from None
     if not first:
         raise UserError(name, "the data file is empty", "the file must hold one JSON object per line")
 

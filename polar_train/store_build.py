@@ -71,7 +71,8 @@ def load_pairs(data: DataSection, files: Sequence[str], tokenizer: PreTrainedTok
     fits = costs <= data.max_tokens
     over = int(len(fits) - fits.sum())
     if over:
-        logger.warning("%s data: %d rows (pairs or lists) longer than data.max_tokens=%d %s", split, over, data.max_tokens,
+        logger.warning("%s data: %d rows (pairs or lists) longer than data.max_tokens=%d %s", split, over,
+                       data.max_tokens,
                        "dropped (a step packs whole rows: raise data.max_tokens to keep them)" if split == "train"
                        else "run chosen and rejected apart (a list: each candidate)")
     kept = np.flatnonzero(fits) if split == "train" else np.arange(len(fits))
@@ -206,8 +207,10 @@ def _merge(results: Sequence[dict[str, Any]], files: Sequence[str]) -> DataStats
         if result["error"] is not None:
             raise UserError(*result["error"])
     parts = [DataStats.from_dict(r["stats"]) for r in results]
-    stats = DataStats(skipped=[s for p in parts for s in p.skipped], too_long_sources=[s for p in parts for s in p.too_long_sources])
-    for name in ("num_rows", "num_pairs", "num_tokens", "num_too_long", "num_prompt_truncated", "num_response_truncated",
+    stats = DataStats(skipped=[s for p in parts for s in p.skipped],
+                      too_long_sources=[s for p in parts for s in p.too_long_sources])
+    for name in ("num_rows", "num_pairs", "num_tokens", "num_too_long", "num_prompt_truncated",
+                 "num_response_truncated",
                  "num_skipped", *DataStats.LIST_COUNTS):
         setattr(stats, name, sum(getattr(p, name) for p in parts))
     for f, name in enumerate(files):  # read_jsonl_rows' "no rows" checks, file by file
@@ -228,7 +231,8 @@ def _shared_folder(cache_root: Path, key: str, group: Ranks) -> Path | None:
             logger.warning("data: cannot create %s (%s)", folder, error)
     _sync(group)  # rank 0 has created it (or failed)
     if not _every_rank(group, folder.is_dir()):
-        logger.warning("data: data.cache_dir %s is not a folder every rank can write: each rank tokenizes all the data", cache_root)
+        logger.warning("data: data.cache_dir %s is not a folder every rank can write: each rank tokenizes all the data",
+                       cache_root)
         return None
     return folder
 
@@ -269,9 +273,11 @@ def load_pair_store(
     if not files:
         raise ValueError("load_pair_store needs at least one file")
     if num_proc < 1:
-        raise UserError("data.num_proc", f"must be > 0, got {num_proc}", "set data.num_proc=1 or more processes per rank")
+        raise UserError("data.num_proc", f"must be > 0, got {num_proc}",
+                        "set data.num_proc=1 or more processes per rank")
     sep_id, reward_id = special_token_ids(tokenizer, reward_token_id)
-    key = dataset_cache_key(files, tokenizer_path, max_length=max_length, max_response_length=max_response_length, on_error=on_error)
+    key = dataset_cache_key(files, tokenizer_path, max_length=max_length, max_response_length=max_response_length,
+                            on_error=on_error)
     final_dir = Path(cache_dir).expanduser() / key if cache_dir else None
     shared = group if group is not None and group.world_size > 1 and final_dir is not None else None
     hit = final_dir is not None and (final_dir / "stats.json").is_file()
@@ -302,7 +308,8 @@ def load_pair_store(
         if rank == 0:
             logger.info("data: tokenizing %d file(s) with %d rank(s) x %d process(es)", len(files), world, num_proc)
         results = _tokenize_pieces(pieces, files, folder, tokenizer, settings)
-        (folder / f"rank-{rank:05d}.json").write_text(json.dumps({"seconds": time.perf_counter() - start, "results": results}))
+        timing = {"seconds": time.perf_counter() - start, "results": results}
+        (folder / f"rank-{rank:05d}.json").write_text(json.dumps(timing))
         if shared is not None:
             _sync(shared)  # every rank's shards and results are written
         ranks = [json.loads((folder / f"rank-{r:05d}.json").read_text()) for r in range(world)]
@@ -317,7 +324,8 @@ def load_pair_store(
             raise UserError(
                 ", ".join(files), f"no pair fits max_length={max_length}: all {stats.num_too_long} pairs are too long "
                 f"(first: {stats.too_long_sources[0]})",
-                f"raise data.max_length, or lower data.max_response_length (now {max_response_length}) to leave the prompt room",
+                f"raise data.max_length, or lower data.max_response_length (now {max_response_length}) "
+                "to leave the prompt room",
             )
         if rank == 0 and final_dir is not None:
             publish(folder, stats, final_dir)
@@ -348,11 +356,14 @@ def _log_build(stats: DataStats, max_length: int) -> None:
         logger.warning("data: skipped %d bad rows (on_error=skip; first: %s; %s: %s)", stats.num_skipped, first,
                        stats.skipped[0].source, stats.skipped[0].reason)
     if stats.num_identical_pairs:  # they add to the loss, nothing to the gradient
-        logger.warning("data: %d pairs teach nothing: chosen and rejected encode to the same ids (fix or remove those rows)",
+        logger.warning("data: %d pairs teach nothing: chosen and rejected encode to the same ids "
+                       "(fix or remove those rows)",
                        stats.num_identical_pairs)
     if stats.num_too_long:
-        logger.warning("data: dropped %d rows that do not fit max_length=%d (first: %s)", stats.num_too_long, max_length,
+        logger.warning("data: dropped %d rows that do not fit max_length=%d (first: %s)", stats.num_too_long,
+                       max_length,
                        ", ".join(stats.too_long_sources))
     logger.info("data: %s", stats.summary())
-    logger.info("data: tokenized %d tokens in %.1f s: %.0f tokens/s", stats.num_tokens, stats.tokenize_seconds, stats.tokens_per_s)
+    logger.info("data: tokenized %d tokens in %.1f s: %.0f tokens/s", stats.num_tokens, stats.tokenize_seconds,
+                stats.tokens_per_s)
 

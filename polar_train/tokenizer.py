@@ -74,7 +74,8 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
     folder = Path(path)
     where = str(path)
     if not folder.is_dir():
-        raise UserError(where, "tokenizer folder not found", "give the checkpoint folder that holds tokenizer.json or tokenizer.model")
+        raise UserError(where, "tokenizer folder not found",
+                        "give the checkpoint folder that holds tokenizer.json or tokenizer.model")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not list(folder.glob("*.tiktoken")):
         present = ", ".join(sorted(p.name for p in folder.iterdir())[:12]) or "nothing"
         raise UserError(
@@ -95,7 +96,8 @@ def load_tokenizer(path: str | os.PathLike[str], *, trust_remote_code: bool = Fa
         remote_files = sorted(folder.glob(REMOTE_TOKENIZER_GLOB))
         if not remote_files:
             _raise_if_missing_package(where, plain_error)
-            raise UserError(where, f"could not load the tokenizer: {plain_error}", "check the tokenizer files in this folder") from plain_error
+            raise UserError(where, f"could not load the tokenizer: {plain_error}",
+                            "check the tokenizer files in this folder") from plain_error
         if not trust_remote_code:
             raise UserError(remote_files[0], "the tokenizer is Python code shipped with the model, and loading it runs "
                             "this file", f"if you trust this folder, allow it with {opt_in}") from None
@@ -198,10 +200,10 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase, reward_token_id_from_c
     >>> tok = build_tokenizer(["a b c"], vocab_size=270)
     >>> special_token_ids(tok, None)
     (3, 4)
-    >>> special_token_ids(tok, 99)
+    >>> special_token_ids(tok, 99)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    polar_train.errors.UserError: <tokenizer>: the tokenizer maps '[UNUSED_TOKEN_130]' to id 4 but the model config has reward_token_id 99 (use the tokenizer that ships with the checkpoint)
+    polar_train.errors.UserError: <tokenizer>: the tokenizer maps '[UNUSED_TOKEN_130]' to id 4 but ...
     """
     name = _tokenizer_name(tokenizer)
     ids: list[int] = []
@@ -226,11 +228,13 @@ def special_token_ids(tokenizer: PreTrainedTokenizerBase, reward_token_id_from_c
     if tail != [reward_id]:
         # Training appends the id directly, so this only matters for POLAR's own client, which
         # appends the token as text at inference (SPEC 3).
-        logger.warning("tokenizer: text ending in %s does not encode to id %d; POLAR's client would score differently", REWARD_TOKEN, reward_id)
+        logger.warning("tokenizer: text ending in %s does not encode to id %d; POLAR's client would score differently",
+                       REWARD_TOKEN, reward_id)
     if reward_token_id_from_config is not None and reward_token_id_from_config != reward_id:
         raise UserError(
             name,
-            f"the tokenizer maps '{REWARD_TOKEN}' to id {reward_id} but the model config has reward_token_id {reward_token_id_from_config}",
+            f"the tokenizer maps '{REWARD_TOKEN}' to id {reward_id} "
+            f"but the model config has reward_token_id {reward_token_id_from_config}",
             "use the tokenizer that ships with the checkpoint",
         )
     return sep_id, reward_id
@@ -260,12 +264,14 @@ def build_tokenizer(
     specials = [UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, *extra_special_tokens]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(specials) + len(alphabet):
-        raise ValueError(f"vocab_size {vocab_size} is below the {len(specials) + len(alphabet)} specials and byte symbols")
+        num_fixed = len(specials) + len(alphabet)
+        raise ValueError(f"vocab_size {vocab_size} is below the {num_fixed} specials and byte symbols")
     backend = Tokenizer(models.BPE())
     # Spaces are tokens of their own, so a word has one id whether a space precedes it or not:
     # the demo's reference "37" and candidate "It is 37." then share the id of "37".
     backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(" ", behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [pre_tokenizers.Split(" ", behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -32,10 +32,8 @@ def test_every_shipped_config_loads(path):
 # may only shrink: fix those lines (in a module you change anyway) and lower or drop its count.
 # The goal is an empty dict.
 LONG_LINES_LEFT = {
-    "adapters.py": 2, "cache_key.py": 1, "checkpoint.py": 6, "cli.py": 1, "config.py": 9, "data.py": 9,
-    "data_report.py": 1, "engine/dist.py": 2, "engine/torch.py": 2, "evaluate.py": 2, "export.py": 1, "loss.py": 1,
-    "model/build.py": 1, "model/hf.py": 4, "packing.py": 1, "pretrain_pairs.py": 5, "ranked.py": 2, "rundir.py": 6,
-    "scoring.py": 11, "store_build.py": 14, "tokenizer.py": 7, "train.py": 10,
+    "cli.py": 1, "engine/dist.py": 2, "engine/torch.py": 2, "model/build.py": 1, "packing.py": 1, "scoring.py": 11,
+    "train.py": 10,
 }
 
 

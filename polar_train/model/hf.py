@@ -182,9 +182,11 @@ def safetensors_shapes(file: str | os.PathLike[str]) -> dict[str, tuple[int, ...
             raise ValueError(f"{file.stat().st_size} bytes where its header describes {expected}")
         return {name: tuple(info["shape"]) for name, info in tensors.items()}
     except OSError as error:
-        raise UserError(file, f"cannot read the weights: {error.strerror or error}", "check the file's permissions") from None
+        raise UserError(file, f"cannot read the weights: {error.strerror or error}",
+                        "check the file's permissions") from None
     except (ValueError, KeyError, TypeError) as error:  # json.JSONDecodeError is a ValueError
-        raise UserError(file, f"is not a valid safetensors file ({error})", "the download may be incomplete: fetch it again") from None
+        raise UserError(file, f"is not a valid safetensors file ({error})",
+                        "the download may be incomplete: fetch it again") from None
 
 
 def checkpoint_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
@@ -279,7 +281,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
     check_tensors({k: tuple(v.shape) for k, v in state_dict.items()}, config, f"export to {out_dir}")
     limit = parse_size(max_shard_size)
     if base_dir is not None and not Path(base_dir).is_dir():
-        raise UserError(base_dir, "base checkpoint folder not found", "it is where the tokenizer and *.py files come from")
+        raise UserError(base_dir, "base checkpoint folder not found",
+                        "it is where the tokenizer and *.py files come from")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(out_dir, "exists and is not a folder", "choose another output path")
 
@@ -323,7 +326,8 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], config: ModelConfig,
                           eval_report=eval_report, has_training_config=training_config is not None)
         (tmp / MODEL_CARD).write_text(card, encoding="utf-8")
         if eval_report is not None and isinstance(eval_report.get("reward_stats"), Mapping):
-            (tmp / REWARD_STATS).write_text(json.dumps(dict(eval_report["reward_stats"]), indent=2) + "\n", encoding="utf-8")
+            stats = json.dumps(dict(eval_report["reward_stats"]), indent=2) + "\n"
+            (tmp / REWARD_STATS).write_text(stats, encoding="utf-8")
         publish_dir(tmp, out_dir)  # a crash before this point leaves any previous export untouched
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
