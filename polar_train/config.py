@@ -73,9 +73,11 @@ class FreshModelSection:
 @dataclass
 class ModelSection:
     path: str = ""  # HF folder (config.json + safetensors + tokenizer); empty = build `fresh`
-    attention: Literal["auto", "flash_attn", "torch_varlen", "sdpa"] = resumable("auto")  # kernel; auto = best available
+    # kernel; auto = best available
+    attention: Literal["auto", "flash_attn", "torch_varlen", "sdpa"] = resumable("auto")
     gradient_checkpointing: bool = resumable(False)  # recompute each decoder layer in backward
-    trust_remote_code: bool = resumable(False)  # allow the tokenizer code (tokenization_*.py) shipped in model.path to run
+    # allow the tokenizer code (tokenization_*.py) shipped in model.path to run
+    trust_remote_code: bool = resumable(False)
     fresh: FreshModelSection = field(default_factory=FreshModelSection)
     lora: LoraSection = field(default_factory=LoraSection)  # rank 0 (the default) = full fine-tune
 
@@ -136,13 +138,15 @@ class ScheduleSection:
 class LossSection:
     """The loss (loss.pair_losses over every implied pair, or loss.plackett_luce over each list; SPEC 5, 10)."""
 
-    kind: Literal["ranking", "focal", "listwise"] = "ranking"  # ranking = Bradley-Terry -log sigmoid(r_c - r_r); listwise = Plackett-Luce per list
+    # ranking = Bradley-Terry -log sigmoid(r_c - r_r); listwise = Plackett-Luce per list
+    kind: Literal["ranking", "focal", "listwise"] = "ranking"
     penalty: Literal["none", "log_barrier", "L2"] = "none"  # a penalty on the rewards' size
     penalty_weight: float = 0.01  # weight of the penalty when enabled (x reward units)
 
     def problems(self) -> list[str]:
         listwise = ["penalty: applies to the pair losses, not to loss.kind=listwise (set loss.penalty=none)"]
-        return _non_negative(self, "penalty_weight") + (listwise if self.kind == "listwise" and self.penalty != "none" else [])
+        mixed = self.kind == "listwise" and self.penalty != "none"
+        return _non_negative(self, "penalty_weight") + (listwise if mixed else [])
 
 
 @dataclass
@@ -151,8 +155,10 @@ class CheckpointSection:
 
     save_steps: int = resumable(0)  # checkpoint every N optimizer steps; 0 = only the final export
     save_total_limit: int = resumable(2)  # checkpoints kept (the oldest are removed)
-    resume: str = resumable("auto")  # auto (latest complete checkpoint of output_dir) | never | a step-N folder or run dir
-    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = resumable("auto")  # HF export dtype; auto = the base's
+    # auto (latest complete checkpoint of output_dir) | never | a step-N folder or run dir
+    resume: str = resumable("auto")
+    # HF export dtype; auto = the base's
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = resumable("auto")
     export_adapter: bool = resumable(False)  # LoRA: also write the adapter alone (peft layout) to output_dir/adapter
 
     def problems(self) -> list[str]:
@@ -190,13 +196,16 @@ class EngineSection:
 @dataclass
 class DeepSpeedSection:
     enabled: bool = resumable(False)  # use DeepSpeed (required for more than one process)
-    zero_stage: Literal[0, 1, 2, 3] = resumable(2)  # 0 replicated, 1, 2 (optimizer + gradients sharded), 3 (parameters too)
+    # 0 replicated, 1, 2 (optimizer + gradients sharded), 3 (parameters too)
+    zero_stage: Literal[0, 1, 2, 3] = resumable(2)
     offload_optimizer: bool = resumable(False)  # optimizer states in CPU memory (DeepSpeedCPUAdam; ZeRO >= 1)
     offload_params: bool = resumable(False)  # parameters in CPU memory (ZeRO-3)
-    timeout_minutes: float = resumable(30.0)  # process-group timeout, minutes: a rank stuck this long in a collective fails
+    max_live_parameters: int = resumable(10**9)  # ZeRO-3: gathered parameters a rank keeps (stage3_max_live_parameters)
+    # process-group timeout, minutes: a rank stuck this long in a collective fails
+    timeout_minutes: float = resumable(30.0)
 
     def problems(self) -> list[str]:
-        found = _positive(self, "timeout_minutes")
+        found = _positive(self, "timeout_minutes", "max_live_parameters")
         if self.offload_params and self.zero_stage != 3:
             found.append("offload_params: parameter offload needs deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -422,7 +431,8 @@ def _convert(value: Any, hint: Any) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ValueError(f"expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
+        digits = isinstance(value, str) and value.strip().lstrip("-").isdigit()
+        if isinstance(value, bool) or not (isinstance(value, int) or digits):
             raise ValueError(f"expected an integer, got {value!r}")
         return int(value)
     if hint is float:

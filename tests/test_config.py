@@ -81,6 +81,7 @@ def test_an_override_under_the_old_name_beats_the_file(tmp_path: Path) -> None:
     ("schedule.warmup_ratio=1.5", "schedule.warmup_ratio: must be between 0 and 1, got 1.5"),
     ("checkpoint.save_total_limit=0", "checkpoint.save_total_limit: must be > 0, got 0"),
     ("deepspeed.offload_params=true", "deepspeed.offload_params: parameter offload needs deepspeed.zero_stage=3"),
+    ("deepspeed.max_live_parameters=0", "deepspeed.max_live_parameters: must be > 0, got 0"),
 ])
 def test_each_problem_names_its_full_dotted_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -112,3 +113,13 @@ def test_a_run_folder_written_with_the_old_names_is_the_same_run(tmp_path: Path)
     other = load_config(REPO / "configs/demo.yaml", [f"output_dir={tmp_path / 'run'}", "loss.kind=focal"])
     with pytest.raises(config_module.UserError, match=r"holds a different run \(loss.kind: 'ranking' -> 'focal'\)"):
         prepare_output_dir(tmp_path / "run", to_dict(other))
+
+
+def test_zero3_caps_the_gathered_parameters_deepspeed_keeps_live() -> None:
+    from polar_train.engine.deepspeed import deepspeed_config
+
+    cfg = load_config(REPO / "configs/demo.yaml", ["deepspeed.zero_stage=3", "deepspeed.max_live_parameters=1000"])
+    zero = deepspeed_config(cfg.optimizer, cfg.deepspeed, 2, "fp32")["zero_optimization"]
+    assert (zero["stage3_max_live_parameters"], zero["stage3_prefetch_bucket_size"]) == (1000, 1000)
+    cfg = load_config(REPO / "configs/demo.yaml", ["deepspeed.zero_stage=2"])
+    assert "stage3_max_live_parameters" not in deepspeed_config(cfg.optimizer, cfg.deepspeed, 2, "fp32")["zero_optimization"]

@@ -43,6 +43,9 @@ def deepspeed_config(settings: OptimizerSection, ds: DeepSpeedSection, world_siz
     """The DeepSpeed config dict. The loop packs its own micro-batches, so DeepSpeed's batch sizes
     are placeholders (1 per rank, no accumulation); boundaries are set per micro-batch."""
     zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage == 3:  # DeepSpeed's cap on gathered parameters kept live (its default is 1e9; prefetch 5e7)
+        zero["stage3_max_live_parameters"] = ds.max_live_parameters
+        zero["stage3_prefetch_bucket_size"] = min(ds.max_live_parameters, 50_000_000)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_params:
