@@ -218,7 +218,8 @@ class MicroBatch:
     better: torch.Tensor  # [P] int64 index into the [S] rewards of each implied pair's better candidate
     worse: torch.Tensor  # [P] int64
     pair_weight: torch.Tensor  # [P] float32, 1 = real pair, 0 = filler
-    order_index: torch.Tensor  # [G, L] int64 index into the [S] rewards, each row's list best first (L = longest, padded)
+    # [G, L] int64 index into the [S] rewards, each row's list best first (L = longest, padded)
+    order_index: torch.Tensor
     order_mask: torch.Tensor  # [G, L] bool, True where order_index is a candidate
     list_weight: torch.Tensor  # [G] float32, 1 = real row, 0 = filler
     pair_ids: list[int] = field(default_factory=list)  # dataset index per row (group), FILLER for fillers

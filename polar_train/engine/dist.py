@@ -102,7 +102,8 @@ def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if "RANK" not in os.environ:  # `polar-train train` alone: a world of one on a free local port
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     if cuda:
         torch.cuda.set_device(local_rank)
     timeout = timedelta(minutes=ds.timeout_minutes)
@@ -115,7 +116,8 @@ def distributed(ds: DeepSpeedSection) -> Iterator[Dist]:
         torch.distributed.destroy_process_group()
         if isinstance(e, torch.distributed.DistBackendError) or "gloo" in str(e).lower() or "nccl" in str(e).lower():
             raise TrainingError(f"rank {rank}", f"lost contact with another rank ({str(e).splitlines()[0]})",
-                                "another process died or hung: see its error; resume with checkpoint.resume=auto") from e
+                                "another process died or hung: see its error; "
+                                "resume with checkpoint.resume=auto") from e
         raise
     except BaseException:
         torch.distributed.destroy_process_group()

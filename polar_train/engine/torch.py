@@ -25,7 +25,8 @@ class TorchEngine:
     world_size = 1
     offload_optimizer = offload_params = False
 
-    def __init__(self, model: torch.nn.Module, settings: OptimizerSection, device: torch.device, precision: str = "fp32"):
+    def __init__(self, model: torch.nn.Module, settings: OptimizerSection, device: torch.device,
+                 precision: str = "fp32"):
         self.model = model.to(device)
         self.attention: str = model.attention
         self.device = device
@@ -79,7 +80,8 @@ class TorchEngine:
         for name, param in self.model.named_parameters():
             if not param.requires_grad:  # a frozen base (LoRA) is the source's, not training state
                 continue
-            state = self.optimizer.state.get(param, {})  # empty before the first step: zero moments, as AdamW starts them
+            # empty before the first step: zero moments, as AdamW starts them
+            state = self.optimizer.state.get(param, {})
             tensors = {"fp32": param, **{key: state[key] if state else torch.zeros_like(param) for key in ADAM_MOMENTS}}
             yield name, {key: t.detach().float().cpu() for key, t in tensors.items()}
 

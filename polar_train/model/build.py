@@ -72,7 +72,8 @@ class ModelSource:
         plain engine keeps fp32 masters of those only; the head is read again from the source
         in that dtype, so it starts from the base's exact value.
         """
-        built = self._build_base(model, device, dtype, compute_dtype, load_weights=load_weights, partitioned=partitioned)
+        built = self._build_base(model, device, dtype, compute_dtype, load_weights=load_weights,
+                                 partitioned=partitioned)
         if not model.lora.enabled:
             return built
         add_adapters(built, model.lora, self.seed)
