@@ -79,22 +79,28 @@ def _reference(nh: int, nkv: int, backend: str = "sdpa"):
     return out.detach(), q.grad, k.grad, v.grad, weight
 
 
-def _rank_main(rank: int, world: int, init: str, nh: int, nkv: int, sizes: list[int], result: str,
-               kernel: str) -> None:
+def _install_emulator(kernel: str) -> str:
+    """The backend name whose CUDA branch runs ``kernel``'s CPU emulator (a spawned process has no monkeypatch)."""
     import inspect
 
-    import torch.distributed as tdist
     from polar_train.model import attention
+    from varlen_emulators import KERNELS
+    if kernel == "sdpa":
+        return "sdpa"
+    backend, fn = KERNELS[kernel]
+    if backend == "flash_attn":
+        attention._flash_attn_fn = lambda: fn
+    else:
+        attention._torch_varlen_fn = lambda: (fn, frozenset(inspect.signature(fn).parameters))
+    return backend
+
+
+def _rank_main(rank: int, world: int, init: str, nh: int, nkv: int, sizes: list[int], result: str,
+               kernel: str) -> None:
+    import torch.distributed as tdist
     from polar_train.model.attention import plan_attention
     from polar_train.model.ulysses import SequenceCut, ulysses_attention
-    from varlen_emulators import KERNELS
-    backend = "sdpa"
-    if kernel != "sdpa":  # the CPU emulator behind the CUDA branch (a spawned process has no monkeypatch)
-        backend, fn = KERNELS[kernel]
-        if backend == "flash_attn":
-            attention._flash_attn_fn = lambda: fn
-        else:
-            attention._torch_varlen_fn = lambda: (fn, frozenset(inspect.signature(fn).parameters))
+    backend = _install_emulator(kernel)
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     batch = _micro_batch()
     start, end = sum(sizes[:rank]), sum(sizes[:rank + 1])
@@ -183,7 +189,10 @@ def _model_rank_main(rank: int, world: int, init: str, nkv: int, kind: str, extr
     from polar_train.model.ulysses import SequenceGroup
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    extra = dict(extra)
+    backend = _install_emulator(extra.pop("kernel", "sdpa"))
     model = _tiny_model(nkv, **extra)
+    model.attention = backend
     model.sequence_group = SequenceGroup(rank, world)
     losses, grads = _losses_and_grads(model, kind)
     for g in grads.values():  # each rank holds its cut's part of the gradient: the group sums them
@@ -217,10 +226,14 @@ def test_the_cuts_fall_inside_shared_prefixes():
     (4, 2, "ranking", {}),  # 2 KV heads over 4 ranks: each repeated twice
     (2, 2, "ranking", {"gradient_checkpointing": True}),
     (2, 2, "ranking", {"lora": True}),
+    (2, 2, "ranking", {"kernel": "flash_attn"}),  # the CUDA branches' CPU emulators under SP == sdpa without SP
+    (2, 2, "ranking", {"kernel": "torch_varlen-2.12"}),
+    (2, 1, "listwise", {"kernel": "torch_varlen-2.10"}),
 ])
 def test_model_under_sp_equals_one_process(world, nkv, kind, extra, tmp_path):
     """SP=2 / 4 losses and parameter gradients (summed over the group) == one process, fp32."""
-    want_losses, want_grads = _losses_and_grads(_tiny_model(nkv, **extra), kind)
+    reference = {k: v for k, v in extra.items() if k != "kernel"}  # always sdpa in one process
+    want_losses, want_grads = _losses_and_grads(_tiny_model(nkv, **reference), kind)
     assert (want_losses.abs() > 1e-3).all()
     for losses, grads in _spawn_model(tmp_path, world, nkv, kind, **extra):
         torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-5)
