@@ -93,7 +93,7 @@ class DataSection:
     eval_files: list[str] = resumable([])  # held-out JSONL files (may be empty)
     max_length: int = 16384  # tokens per sequence budget (SPEC 3; L = max_length - 4)
     max_response_length: int = 4096  # tokens kept of reference / chosen / rejected
-    max_tokens: int = 16384  # micro-batch budget, tokens (whole pairs, no padding)
+    max_tokens: int = 16384  # micro-batch budget, tokens (whole pairs, no padding; per SP group)
     shared_prefix: bool = True  # lay chosen+rejected out as [prefix | chosen | rejected]
     on_error: Literal["raise", "skip"] = "raise"  # what a malformed row does
     cache_dir: str = resumable("~/.cache/polar-train/datasets")  # tokenized-dataset cache; "" = none
@@ -175,7 +175,7 @@ class TrainSection:
     eval_steps: int = resumable(0)  # evaluate every N steps (and at start and end); 0 = start and end only
     log_steps: int = resumable(1)  # write a train metrics line every N steps
     max_bad_steps: int = resumable(5)  # non-finite steps in a row before the run stops
-    sequence_parallel: int = 1  # ranks per sequence-parallel group (issue 18; checked in engine.sequence_parallel)
+    sequence_parallel: int = 1  # ranks per sequence-parallel group: each micro-batch split over them (issue 18, README)
 
     def problems(self) -> list[str]:
         found = _positive(self, "pairs_per_step", "log_steps", "max_bad_steps", "sequence_parallel")

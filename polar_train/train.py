@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from polar_train.checkpoint import TrainerState, find_resume, fresh_state, load_checkpoint, save_checkpoint
 from polar_train.config import Config, LossSection, ScheduleSection, to_dict
 from polar_train.engine import build_engine, distributed, lr_at
-from polar_train.engine.sequence_parallel import plan_sequence_parallel, refuse_unbuilt
+from polar_train.engine.sequence_parallel import join_sequence_parallel, plan_sequence_parallel
 from polar_train.errors import TrainingError
 from polar_train.evaluate import build_report, group_rewards, implied_pairs, list_loss, write_report
 from polar_train.export import export_hf
@@ -65,8 +65,8 @@ def run(cfg: Config) -> dict[str, float]:
 
         source = ModelSource.from_config(cfg.model, cfg.seed)
         # before any tokenizing: a group that cannot split the heads fails in one line
-        refuse_unbuilt(plan_sequence_parallel(cfg.train.sequence_parallel, dist.world_size,
-                                              source.config.num_attention_heads, source.config.num_key_value_heads))
+        sp_plan = plan_sequence_parallel(cfg.train.sequence_parallel, dist.world_size,
+                                         source.config.num_attention_heads, source.config.num_key_value_heads)
         tokenizer = load_tokenizer(source.files_dir, trust_remote_code=cfg.model.trust_remote_code)
         special_token_ids(tokenizer, source.config.reward_token_id)
         share_max_len = source.config.share_max_len
@@ -76,12 +76,16 @@ def run(cfg: Config) -> dict[str, float]:
                     if cfg.data.eval_files else None)
         if dist.rank == 0:
             write_skipped_rows(out, {"train": train_set.skipped, "eval": eval_set.skipped if eval_set else []})
+        # sequence parallelism: each group of train.sequence_parallel ranks is one data-parallel rank, and
+        # data.max_tokens the budget of a group's micro-batch (engine/sequence_parallel.py)
         planner = StepPlanner(train_set.costs, pairs_per_step=cfg.train.pairs_per_step, max_tokens=cfg.data.max_tokens,
-                              num_ranks=dist.world_size, seed=cfg.seed)
+                              num_ranks=sp_plan.data_parallel, seed=cfg.seed)
         total_steps = cfg.train.max_steps or cfg.train.epochs * planner.steps_per_epoch
         # a LoRA checkpoint holds the trainable parameters only: the frozen base comes from the source
         engine = build_engine(dist, source, model=cfg.model, optimizer=cfg.optimizer, deepspeed=cfg.deepspeed,
                               engine=cfg.engine, load_weights=resume_from is None or cfg.model.lora.enabled)
+        sp = join_sequence_parallel(sp_plan, dist)
+        sp.attach(engine.model)  # under SP each rank runs its cut of the group's micro-batches
         if resume_from:
             state = load_checkpoint(engine, dist, resume_from, out)
             if dist.rank == 0 and state.total_steps != total_steps:
@@ -93,6 +97,9 @@ def run(cfg: Config) -> dict[str, float]:
         log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention, engine.precision,
                  dist.world_size, engine.kind, f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else "", dist.device)
         log.info("%d train pairs, %d steps of %d pairs", len(train_set.pairs), total_steps, cfg.train.pairs_per_step)
+        if sp_plan.size > 1:
+            log.info("sequence parallel: %d group(s) of %d ranks, each micro-batch split along its tokens",
+                     sp_plan.data_parallel, sp_plan.size)
         trainable, total = count_parameters(engine.model)
         log.info("trainable parameters: %s of %s (%.2f%%)%s", f"{trainable:,}", f"{total:,}", 100 * trainable / total,
                  f" | LoRA rank {cfg.model.lora.rank} on {', '.join(cfg.model.lora.target_modules)} + v_head"
@@ -108,7 +115,7 @@ def run(cfg: Config) -> dict[str, float]:
             rewards = group_rewards(engine.model, [g.seqs for g in rows], max_tokens=cfg.data.max_tokens,
                                     shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len,
                                     device=dist.device, autocast=engine.autocast,
-                                    ranks=dist)  # per row, per sequence
+                                    ranks=sp.data_ranks)  # per row, per sequence
             chosen, rejected = implied_pairs(rewards, rows)  # [P] each
             metrics = eval_metrics(chosen, rejected, losses_of)
             if cfg.loss.kind == "listwise":
@@ -132,7 +139,7 @@ def run(cfg: Config) -> dict[str, float]:
             rows = planner.step_pairs(epoch, in_epoch)  # the global batch: pair rows and lists
             # the loss divides by the step's implied pairs (listwise: its lists), on all ranks
             step_count = len(rows) if cfg.loss.kind == "listwise" else int(train_set.num_pairs[rows].sum())
-            micro_batches = pack_step(planner.plan(epoch, in_epoch)[dist.rank], train_set.pairs,
+            micro_batches = pack_step(planner.plan(epoch, in_epoch)[sp.data_rank], train_set.pairs,
                                       shared_prefix=cfg.data.shared_prefix, share_max_len=share_max_len)
             engine.model.train()
             loss_sum = torch.zeros((), device=dist.device)
@@ -152,9 +159,11 @@ def run(cfg: Config) -> dict[str, float]:
             lr = lr_at(step, total_steps, cfg.optimizer.lr, cfg.schedule)  # a function of the step: nothing to save or restore
             engine.set_lr(lr)
             result = engine.step()
-            extra = torch.tensor([num_tokens, float(stop.requested is not None)], device=dist.device)
+            tokens = torch.tensor([float(num_tokens)], device=dist.device)
+            figures = sp.count_once(torch.cat([loss_sum[None], stats, tokens]))  # a group's ranks hold the same figures
+            stopping = torch.tensor([float(stop.requested is not None)], device=dist.device)
             # one host sync per optimizer step, deliberate: every rank must agree on skipping and stopping
-            totals = engine.all_reduce_sum(torch.cat([loss_sum[None], stats, extra])).tolist()
+            totals = engine.all_reduce_sum(torch.cat([figures, stopping])).tolist()
             state.step = step + 1
             bad = not math.isfinite(totals[0]) or (not result.applied and result.loss_scale <= 1.0)
             state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0

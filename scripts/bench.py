@@ -26,6 +26,14 @@ every implied pair of the step). The last output line is JSON: ``lists_vs_pairs_
     python scripts/make_length_mix.py --ranked 4 --num-pairs 192 --scale 0.125 --out /tmp/ranked_mix.jsonl
     python scripts/bench.py --compare lists --data /tmp/ranked_mix.jsonl --shape cpu
 
+Sequence parallelism (``--compare sp``, issue 18): one long pair (``--seq-tokens`` packed tokens:
+a shared prefix of half, two suffixes of a quarter each) trained under torchrun, first by rank 0
+alone (SP=1), then split over all ranks (SP=world, model/ulysses.py). Per rank: step time
+(forward + backward + the group's gradient all-reduce + AdamW), the bytes autograd saves for
+backward (activations, counted by a saved-tensors hook) and the peak memory of a step over that
+before it (CPU: RSS; CUDA: allocated). A comma list of lengths on one GPU finds the longest that fits.
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc-per-node=2 scripts/bench.py --compare sp --shape cpu --seq-tokens 8192
+
 CPU (tiny model; ratios only):
     python scripts/make_length_mix.py --scale 0.125 --num-pairs 256 --out /tmp/mix.jsonl
     python scripts/bench.py --data /tmp/mix.jsonl --shape tiny --steps 4 --pairs-per-step 64 --max-tokens 8192
@@ -39,9 +47,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import gc
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -288,7 +298,7 @@ def matmul_peak_tflops(device, dtype) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="POLAR-format JSONL (scripts/make_length_mix.py)")
+    p.add_argument("--data", help="POLAR-format JSONL (scripts/make_length_mix.py); not for --compare sp")
     p.add_argument("--tokenizer", default="data/tokenizer")
     p.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
     p.add_argument("--steps", type=int, default=4, help="measured optimizer steps per mode")
@@ -301,9 +311,17 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=0,
                    help="instead of the three modes: LoRA of this rank vs the full fine-tune (memory, step time)")
     p.add_argument("--json", help="also write the results here")
-    p.add_argument("--compare", default="layouts", choices=["layouts", "lists"],
-                   help="layouts: padded / packed / shared pairs; lists: ranked lists vs their expanded pairs")
+    p.add_argument("--compare", default="layouts", choices=["layouts", "lists", "sp"],
+                   help="layouts: padded / packed / shared pairs; lists: ranked lists vs their expanded pairs; "
+                        "sp: one long pair, SP=1 vs SP=world under torchrun")
+    p.add_argument("--seq-tokens", default="8192",
+                   help="--compare sp: packed tokens of the pair; a comma list is a ladder of lengths")
     args = p.parse_args()
+    if args.compare == "sp":
+        compare_sequence_parallel(args)
+        return
+    if not args.data:
+        p.error("--data is required (except with --compare sp)")
     if args.compare == "lists":
         compare_lists(args)
         return
@@ -466,6 +484,120 @@ def compare_lists(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, **summary}, indent=2))
     print(json.dumps(summary))
 
+
+def sp_step(model, opt, mb, group, device) -> tuple[float, int, int]:
+    """One training step of ``mb``: seconds, bytes autograd saved for backward, peak memory growth
+    (CUDA: allocated bytes; CPU: resident set)."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:  # activations, not the weights they multiply
+            saved[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back: the RSS growth is this step's alone
+        reset_peak_rss()
+        before = read_peak_rss()  # = the RSS now
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        rewards = model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index).float()
+    (-F.logsigmoid(rewards[mb.better] - rewards[mb.worse])).sum().backward()
+    if group is not None:  # the cuts' gradients add up to the pair's (engine/sequence_parallel.py)
+        for p in model.parameters():
+            torch.distributed.all_reduce(p.grad, group=group)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if cuda else read_peak_rss()
+    return time.perf_counter() - t0, sum(saved.values()), peak - before
+
+
+def long_pair(n: int, vocab: int, reward_id: int, device):
+    """One pair of ``n`` packed tokens: a shared prefix of n / 2, two suffixes of n / 4 (random ids)."""
+    from polar_train.packing import build_micro_batch
+
+    ids = torch.randint(5, vocab, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    prefix, chosen, rejected = ids[: n // 2], ids[n // 2: 3 * n // 4 - 1], ids[3 * n // 4: n - 1]
+    return build_micro_batch([(prefix + chosen + [reward_id], prefix + rejected + [reward_id])],
+                             shared_prefix=True).to(device)
+
+
+def compare_sequence_parallel(args: argparse.Namespace) -> None:
+    """One long pair per ``--seq-tokens`` length: rank 0 alone (SP=1), then all ranks as one
+    sequence-parallel group. On one process only SP=1 runs, and a length that does not fit (out of
+    memory) ends the ladder: the longest that fitted is reported (``longest_fitting_tokens``)."""
+    import torch.distributed as tdist
+
+    from polar_train.model.ulysses import SequenceGroup
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    tdist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tokenizer = load_tokenizer(args.tokenizer)
+    _, reward_id = special_token_ids(tokenizer, None)
+    model = build_model(args.shape, len(tokenizer), reward_id, resolve_attention(args.attention, device, dtype),
+                        device, dtype)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    group = tdist.new_group(list(range(world)))
+    results: dict[str, dict[str, list]] = {}
+    longest = 0
+    for n in [int(x) for x in str(args.seq_tokens).split(",")]:
+        mb = long_pair(n, len(tokenizer), reward_id, device)
+        results[str(n)] = {}
+        try:
+            for sp in sorted({1, world}):
+                model.sequence_group = SequenceGroup(rank, sp, group) if sp > 1 else None
+                runs = []
+                for _ in range(args.steps + 1):  # the first step warms up
+                    tdist.barrier()
+                    if rank < sp:
+                        runs.append(sp_step(model, opt, mb, group if sp > 1 else None, device))
+                    tdist.barrier()
+                mine = {"seconds": min(r[0] for r in runs[1:]), "saved_mib": runs[-1][1] / 2**20,
+                        "peak_growth_mib": max(r[2] for r in runs[1:]) / 2**20} if runs else None
+                per_rank: list = [None] * world
+                tdist.all_gather_object(per_rank, mine)
+                results[str(n)][f"sp{sp}"] = per_rank[:sp]
+        except torch.OutOfMemoryError:  # one process only: ranks of a group would wait on each other
+            results[str(n)] = {"out_of_memory": True}
+            opt.zero_grad(set_to_none=True)
+            break
+        longest = n
+    if rank == 0:
+        print(f"device {device} | shape {args.shape} | {dtype} | {world} rank(s) | {args.steps} steps, best counts"
+              + (" | gradient checkpointing" if args.gradient_checkpointing else ""))
+        print(f"{'tokens':>7} {'run':5} {'rank':>4} {'step s':>8} {'saved MiB':>10} {'peak +MiB':>10}")
+        for n, runs_of in results.items():
+            for name, ranks in runs_of.items():
+                for r, fig in enumerate(ranks if isinstance(ranks, list) else []):
+                    print(f"{n:>7} {name:5} {r:4d} {fig['seconds']:8.3f} {fig['saved_mib']:10.1f} "
+                          f"{fig['peak_growth_mib']:10.1f}")
+            if "out_of_memory" in runs_of:
+                print(f"{n:>7} out of memory")
+        summary: dict[str, float] = {"longest_fitting_tokens": longest}
+        last = results.get(str(longest), {})
+        if world > 1 and "sp1" in last:
+            one, many = last["sp1"][0], last[f"sp{world}"]
+            summary.update(sp_step_speedup=one["seconds"] / max(f["seconds"] for f in many),
+                           sp_saved_per_rank_ratio=max(f["saved_mib"] for f in many) / one["saved_mib"],
+                           sp_peak_growth_ratio=max(f["peak_growth_mib"] for f in many) / one["peak_growth_mib"])
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, **summary}, indent=2))
+        print(json.dumps(summary))
+    tdist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

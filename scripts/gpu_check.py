@@ -13,7 +13,11 @@ time is recorded and the next one runs):
               (pairs/s, TFLOP/s, MFU against a matmul peak measured in the run, peak memory)
   train       5 steps of ``polar-train train`` on a fresh POLAR-1.8B-shaped model under DeepSpeed
               ZeRO-2, bf16, torch_varlen (the demo tokenizer sizes the vocabulary: 600, not 92544)
-  bench_7b    scripts/bench.py, polar-7b shape (last: it gets what time is left)
+  bench_7b    scripts/bench.py, polar-7b shape
+  long_sp1    scripts/bench.py --compare sp on one GPU: one polar-1.8b-shaped pair of 32k, 64k, 128k,
+              256k packed tokens (gradient checkpointing, bf16) until one runs out of memory; the
+              longest that fits at SP=1 (last: it gets what time is left). SP > 1 needs several
+              GPUs (a group of train.sequence_parallel ranks): not measured on a one-GPU machine
 
 ``--dry-run`` runs the same stages on CPU with tiny shapes, sdpa attention, fp32 and DeepSpeed
 ZeRO-2 over gloo, so CI keeps the script working (tests/test_gpu_check.py).
@@ -221,6 +225,18 @@ def bench_stage(check: Check, name: str, shape: str, data: Path, args: list[str]
         stage["ratios"] = bench["ratios"]
 
 
+def long_stage(check: Check, shape: str, args: list[str], budget_s: float) -> None:
+    """SP=1 at growing lengths on one device (scripts/bench.py --compare sp under a 1-process torchrun)."""
+    result = check.out / "long_sp1.json"
+    stage = check.run("long_sp1", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                                   "scripts/bench.py", "--compare", "sp", "--shape", shape, "--json", str(result), *args],
+                      budget_s=budget_s)
+    stage["shape"] = shape
+    if stage["status"] == "passed":
+        bench = json.loads(result.read_text())
+        stage.update(longest_fitting_tokens=bench["longest_fitting_tokens"], results=bench["results"])
+
+
 def train_config(mode: str, run_dir: Path, data: Path) -> dict[str, Any]:
     """The train stage's config: a fresh model of TRAIN_SHAPES[mode], DeepSpeed ZeRO-2, 5 steps;
     on the GPU bf16 and torch_varlen, in the dry run fp32 and sdpa (the CUDA backends refuse CPU)."""
@@ -296,6 +312,7 @@ def main() -> None:
         check.guarded("bench_1.8b", bench_stage, "bench_1.8b", "tiny", data, tiny, budget_s=150)
         check.guarded("train", train_stage, data, budget_s=170)
         check.guarded("bench_7b", bench_stage, "bench_7b", "tiny", data, tiny, budget_s=200)
+        check.guarded("long_sp1", long_stage, "tiny", ["--seq-tokens", "256,512", "--steps", "1"], budget_s=60)
     else:
         # gradient checkpointing: the padded baseline's [2b, Lmax] batches would not fit otherwise
         check.guarded("bench_1.8b", bench_stage, "bench_1.8b", "polar-1.8b", data,
@@ -303,6 +320,8 @@ def main() -> None:
         check.guarded("train", train_stage, data, budget_s=170)  # the fresh model is drawn on the CPU
         check.guarded("bench_7b", bench_stage, "bench_7b", "polar-7b", data,
                       ["--steps", "2", "--pairs-per-step", "8", "--gradient-checkpointing"], budget_s=200)
+        check.guarded("long_sp1", long_stage, "polar-1.8b", ["--seq-tokens", "32768,65536,131072,262144", "--steps", "1",
+                                                             "--gradient-checkpointing"], budget_s=120)
     summary = check.finish()
     for name, stage in summary["stages"].items():
         print(f"{name:11} {stage['status']:8} {stage.get('seconds', 0):6.1f} s" + (

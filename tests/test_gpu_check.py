@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["wheels", "env", "tests", "data", "bench_1.8b", "train", "bench_7b"]
+STAGES = ["wheels", "env", "tests", "data", "bench_1.8b", "train", "bench_7b", "long_sp1"]
 
 
 def load_gpu_check():
@@ -50,8 +50,11 @@ def test_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     train = summary["stages"]["train"]
     assert (train["steps"], train["engine"], train["attention"], train["precision"]) == (5, "deepspeed", "sdpa", "fp32")
     assert len(train["loss"]) == 5 and train["pairs_per_s"] > 0
+    long = summary["stages"]["long_sp1"]
+    assert long["longest_fitting_tokens"] == 512 and list(long["results"]) == ["256", "512"]
+    assert long["results"]["512"]["sp1"][0]["saved_mib"] > long["results"]["256"]["sp1"][0]["saved_mib"] > 0
     written = {p.name for p in out.iterdir()}
-    assert {"gpu_check.json", "gpu_check.log", "bench_1.8b.json", "bench_7b.json", "train_config.json",
+    assert {"gpu_check.json", "gpu_check.log", "bench_1.8b.json", "bench_7b.json", "long_sp1.json", "train_config.json",
             "train_metrics.jsonl", "train_train.log"} <= written
     assert "===== train:" in (out / "gpu_check.log").read_text()
 

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from polar_train.errors import UserError
 from polar_train.model.attention import AttentionPlan, plan_attention, varlen_attention
+from polar_train.model.ulysses import SequenceCut, SequenceGroup, gather_sequence, ulysses_attention
 from polar_train.model.varlen import VarlenMeta
 
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -272,8 +273,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.nh * self.hd, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [T, H] -> [T, H], or [N, H] for the rows ``keep`` only (keys still use all T)."""
+                keep: torch.Tensor | None = None, cut: SequenceCut | None = None) -> torch.Tensor:
+        """x: [T, H] -> [T, H], or [N, H] for the rows ``keep`` only (keys still use all T). Under
+        sequence parallelism (``cut``) x is this rank's [T_r, H] and attention exchanges heads for tokens."""
         T, g = x.shape[0], self.nh // self.nkv
         # wqkv rows grouped per KV head: [g query heads, 1 key, 1 value] (SPEC 4).
         qkv = self.wqkv(x).view(T, self.nkv, g + 2, self.hd)  # [T, nkv, g+2, hd]
@@ -281,7 +283,7 @@ class Attention(nn.Module):
         k = qkv[:, :, g]  # [T, nkv, hd]
         v = qkv[:, :, g + 1]  # [T, nkv, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = varlen_attention(q, k, v, plan)  # [T, nh, hd]
+        out = varlen_attention(q, k, v, plan) if cut is None else ulysses_attention(q, k, v, plan, cut)  # [T, nh, hd]
         out = out.reshape(T, self.nh * self.hd)
         if keep is not None:
             out = out.index_select(0, keep)  # [N, nh*hd]
@@ -308,9 +310,9 @@ class DecoderLayer(nn.Module):
         self.feed_forward = FeedForward(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: AttentionPlan,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, cut: SequenceCut | None = None) -> torch.Tensor:
         """Pre-norm block. x: [T, H] -> [T, H]; with ``keep`` ([N]) only those rows are returned."""
-        h = self.attention(self.attention_norm(x), cos, sin, plan, keep)
+        h = self.attention(self.attention_norm(x), cos, sin, plan, keep, cut)
         x = (x if keep is None else x.index_select(0, keep)) + h
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -343,6 +345,9 @@ class InternLM2RewardModel(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self.model = Backbone(config)
         self.v_head = nn.Linear(config.hidden_size, 1, bias=False)
+        # set by engine.sequence_parallel when train.sequence_parallel > 1: each forward then runs on
+        # this rank's cut of the tokens (model/ulysses.py); every rank of the group calls it with the same batch
+        self.sequence_group: SequenceGroup | None = None
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -363,19 +368,33 @@ class InternLM2RewardModel(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: VarlenMeta,
                       keep: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states: [T, H], or [N, H] at rows ``keep`` (the last layer's
-        output projection and FFN then run on those rows only)."""
+        output projection and FFN then run on those rows only). Under sequence parallelism this
+        rank's cut only, [T_r, H] (``keep`` must be None)."""
         assert input_ids.dim() == 1 and input_ids.shape == position_ids.shape, "flat [T] inputs expected"
-        plan = plan_attention(meta, self.attention, num_tokens=input_ids.shape[0])
-        cos, sin = rope_cos_sin(self.config, position_ids, meta.seq_len_per_token)  # [T, hd] each
+        plan = plan_attention(meta, self.attention, num_tokens=input_ids.shape[0])  # the whole axis, also under SP
+        seq_len = meta.seq_len_per_token
+        cut = self.sequence_group.cut(input_ids.shape[0]) if self.sequence_group is not None else None
+        if cut is not None:  # this rank's tokens; positions stay global within each sequence (RoPE)
+            assert keep is None, "sequence parallelism computes every row of its cut"
+            input_ids, position_ids, seq_len = (t[cut.start:cut.end] for t in (input_ids, position_ids, seq_len))
+        cos, sin = rope_cos_sin(self.config, position_ids, seq_len)  # [T, hd] each
         x = self.model.tok_embeddings(input_ids)  # [T, H]
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
             layer_keep = keep if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, plan, layer_keep, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, plan, layer_keep, cut, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, plan, layer_keep)
+                x = layer(x, cos, sin, plan, layer_keep, cut)
         return self.model.norm(x)
+
+    def _token_values(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: VarlenMeta) -> torch.Tensor:
+        """[T] fp32 v_head output at every flat position; under SP computed on the cut, then gathered."""
+        h = self.hidden_states(input_ids, position_ids, meta)  # [T, H] or [T_r, H]
+        values = F.linear(h.float(), self.v_head.weight.float()).squeeze(-1)
+        if self.sequence_group is None:
+            return values
+        return gather_sequence(values, self.sequence_group.cut(input_ids.shape[0]))  # [T_r] -> [T]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: VarlenMeta,
                 reward_index: torch.Tensor) -> torch.Tensor:
@@ -383,14 +402,15 @@ class InternLM2RewardModel(nn.Module):
 
         input_ids, position_ids: [T] int64. The v_head runs in fp32 on the N selected rows.
         """
+        if self.sequence_group is not None:  # each rank reads the reward tokens from the gathered values
+            return self._token_values(input_ids, position_ids, meta)[reward_index]
         h = self.hidden_states(input_ids, position_ids, meta, keep=reward_index)  # [N, H]
         return F.linear(h.float(), self.v_head.weight.float()).squeeze(-1)  # [N]
 
     def score_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
                      meta: VarlenMeta) -> torch.Tensor:
         """v_head output at every flat position: [T] fp32 (the reward is the value at a last token)."""
-        h = self.hidden_states(input_ids, position_ids, meta)  # [T, H]
-        return F.linear(h.float(), self.v_head.weight.float()).squeeze(-1)
+        return self._token_values(input_ids, position_ids, meta)
 
 
 def num_parameters(config: ModelConfig) -> int:
