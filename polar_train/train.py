@@ -71,8 +71,10 @@ def run(cfg: Config) -> dict[str, float]:
         special_token_ids(tokenizer, source.config.reward_token_id)
         share_max_len = source.config.share_max_len
         # every rank tokenizes its share of the rows into the shared cache, then maps the whole
-        train_set = load_pairs(cfg.data, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train", group=dist)
-        eval_set = (load_pairs(cfg.data, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval", group=dist)
+        train_set = load_pairs(cfg.data, cfg.data.train_files, tokenizer, source.files_dir, share_max_len, "train",
+                               group=dist)
+        eval_set = (load_pairs(cfg.data, cfg.data.eval_files, tokenizer, source.files_dir, share_max_len, "eval",
+                               group=dist)
                     if cfg.data.eval_files else None)
         if dist.rank == 0:
             write_skipped_rows(out, {"train": train_set.skipped, "eval": eval_set.skipped if eval_set else []})
@@ -94,8 +96,9 @@ def run(cfg: Config) -> dict[str, float]:
         else:
             state = fresh_state(dist, out, total_steps)
         writer = MetricsWriter(out, enabled=dist.rank == 0, resumed_at=state.step)
-        log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention, engine.precision,
-                 dist.world_size, engine.kind, f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else "", dist.device)
+        zero = f" ZeRO-{engine.zero_stage}" if engine.zero_stage is not None else ""
+        log.info("attention %s | precision %s | %d rank(s), engine %s%s | device %s", engine.attention,
+                 engine.precision, dist.world_size, engine.kind, zero, dist.device)
         log.info("%d train pairs, %d steps of %d pairs", len(train_set.pairs), total_steps, cfg.train.pairs_per_step)
         if sp_plan.size > 1:
             log.info("sequence parallel: %d group(s) of %d ranks, each micro-batch split along its tokens",
@@ -131,7 +134,8 @@ def run(cfg: Config) -> dict[str, float]:
 
         if state.step == 0:
             state.last_eval = evaluate(0)
-        bar = held.enter_context(tqdm(total=total_steps, initial=state.step, desc="train", unit="step",  # closed on an error too
+        # closed on an error too
+        bar = held.enter_context(tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                                       disable=dist.rank != 0, dynamic_ncols=True))
         for step in range(state.step, total_steps):
             t0 = time.perf_counter()
@@ -152,11 +156,13 @@ def run(cfg: Config) -> dict[str, float]:
                     rewards = engine.model(mb.input_ids, mb.position_ids, mb.meta, mb.seq_index).float()  # [S]
                 chosen, rejected = rewards[mb.better], rewards[mb.worse]  # [P] every implied pair of every row
                 loss = batch_loss(cfg.loss, losses_of, rewards, mb)
-                # a mean over ALL pairs (lists) of the step on all ranks (SPEC 5, 10); the engine undoes DeepSpeed's rank average
+                # a mean over ALL pairs (lists) of the step on all ranks (SPEC 5, 10); the engine undoes
+                # DeepSpeed's rank average
                 engine.backward(loss / step_count, last=i == len(micro_batches) - 1)
                 loss_sum += loss.detach()
                 stats += pair_stats(chosen, rejected, mb.pair_weight)
-            lr = lr_at(step, total_steps, cfg.optimizer.lr, cfg.schedule)  # a function of the step: nothing to save or restore
+            # a function of the step: nothing to save or restore
+            lr = lr_at(step, total_steps, cfg.optimizer.lr, cfg.schedule)
             engine.set_lr(lr)
             result = engine.step()
             tokens = torch.tensor([float(num_tokens)], device=dist.device)
@@ -168,12 +174,14 @@ def run(cfg: Config) -> dict[str, float]:
             bad = not math.isfinite(totals[0]) or (not result.applied and result.loss_scale <= 1.0)
             state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
             if bad:
-                log.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)", state.step, state.bad_in_a_row)
+                log.warning("step %d: non-finite loss or gradient norm, update skipped (%d in a row)", state.step,
+                            state.bad_in_a_row)
                 if state.bad_in_a_row >= cfg.train.max_bad_steps:
                     bar.close()
                     raise NonFiniteError(state.step, state.bad_in_a_row)
             elif not result.applied:
-                log.info("step %d: fp16 overflow at loss scale %g, update skipped, scale lowered", state.step, result.loss_scale)
+                log.info("step %d: fp16 overflow at loss scale %g, update skipped, scale lowered", state.step,
+                         result.loss_scale)
             if state.step % cfg.train.log_steps == 0 or state.step == total_steps:
                 seconds = time.perf_counter() - t0
                 metrics = summarize(torch.tensor(totals[1:7]), totals[0])
@@ -198,7 +206,8 @@ def run(cfg: Config) -> dict[str, float]:
             if stopping:
                 bar.close()
                 writer.close()
-                log.warning("stopped by %s after step %d; resume with:\n  %s", stop.requested or "a signal on another rank",
+                log.warning("stopped by %s after step %d; resume with:\n  %s",
+                            stop.requested or "a signal on another rank",
                             state.step, resume_command())
                 return state.last_eval or state.last_train
         bar.close()
