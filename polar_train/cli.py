@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=1, metavar="N",
                    help="rows per reference/chosen pair, each with a different rejected policy (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffles and draws (same seed, same output)")
+
+    p = sub.add_parser("serve", help="HTTP reward server for RL: the protocols POLAR's client speaks (SPEC 13)")
+    p.add_argument("--model", required=True, help="HF folder of a POLAR reward model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=30000, help="port (POLAR's client default: 30000)")
+    p.add_argument("--max-batch-delay-ms", type=float, default=5.0,
+                   help="how long the first waiting request waits for others to batch with (0: no wait)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting at most; beyond, 503 at once")
+    p.add_argument("--pooling-format", default="vllm", choices=["vllm", "lmdeploy"],
+                   help="the answer shape of POST /pooling: the client's server_type (same request body)")
+    p.add_argument("--log-every", type=int, default=100, help="one log line per N requests (0: none)")
+    add_inference_args(p)
     return parser
 
 
@@ -149,6 +161,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``polar-train serve --model DIR``: until SIGTERM / SIGINT, then exit 0."""
+    from polar_train.reporting import setup_logging
+    from polar_train.serve import Scorer
+    from polar_train.serve_http import build_app, serve
+
+    setup_logging()
+    options = _scoring_options(args)
+    for flag, value, least in (("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
+                               ("--max-batch-delay-ms", args.max_batch_delay_ms, 0),
+                               ("--log-every", args.log_every, 0)):
+        if value < least:
+            raise UserError(flag, f"is {value}", f"expected at least {least}")
+    model, tokenizer = _scorer(args)
+    scorer = Scorer(model, tokenizer, max_tokens=args.max_tokens, max_length=args.max_length)
+    app = build_app(scorer, delay_ms=args.max_batch_delay_ms, max_queue=args.max_queue,
+                    pooling_format=args.pooling_format, max_length=options["max_length"],
+                    max_response_length=options["max_response_length"], log_every=args.log_every)
+    serve(app, args.host, args.port)
+    return 0
+
+
 def cmd_pretrain_pairs(args: argparse.Namespace) -> int:
     """``polar-train pretrain-pairs``: build the pairs, print the summary line on stdout."""
     from polar_train.pretrain_pairs import build_pretrain_pairs
@@ -159,7 +193,7 @@ def cmd_pretrain_pairs(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "score": cmd_score, "eval": cmd_eval, "convert": cmd_convert,
-            "pretrain-pairs": cmd_pretrain_pairs}
+            "pretrain-pairs": cmd_pretrain_pairs, "serve": cmd_serve}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -167,7 +201,8 @@ def check_args(args: argparse.Namespace) -> None:
     model = getattr(args, "model", None)
     if model is not None and not Path(model).is_dir():
         what = "is a file, not a model folder" if Path(model).exists() else "model folder not found"
-        raise UserError(model, f"{what} (--model)", "give a Hugging Face checkpoint folder with config.json, weights and tokenizer")
+        raise UserError(model, f"{what} (--model)",
+                        "give a Hugging Face checkpoint folder with config.json, weights and tokenizer")
     data = getattr(args, "data", None)
     if data is not None and not Path(data).is_file():
         what = "is not a file" if Path(data).exists() else "data file not found"

@@ -32,7 +32,7 @@ def test_every_shipped_config_loads(path):
 # may only shrink: fix those lines (in a module you change anyway) and lower or drop its count.
 # The goal is an empty dict.
 LONG_LINES_LEFT = {
-    "cli.py": 1, "scoring.py": 11,
+    "scoring.py": 11,
 }
 
 
