@@ -66,8 +66,8 @@ def model_max_length(config: Any) -> int:
 class Scorer:
     """Texts -> ids -> rewards with the packed, shared-prefix inference of ``polar-train score``."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_tokens: int, max_length: int):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: Any, tokenizer: Any, *, max_tokens: int, max_length: int, shared_prefix: bool = True):
+        self.model, self.tokenizer, self.shared_prefix = model, tokenizer, shared_prefix
         self.max_tokens, self.max_length = max_tokens, min(max_length, model_max_length(model.config))
         self.sep_id, self.reward_id = special_token_ids(tokenizer, model.config.reward_token_id)
 
@@ -101,7 +101,8 @@ class Scorer:
         members = list(groups.values())
         stats = InferenceStats()
         out = group_rewards(self.model, [[seqs[k] for k in m] for m in members], max_tokens=self.max_tokens,
-                            share_max_len=self.model.config.share_max_len, stats=stats)
+                            shared_prefix=self.shared_prefix, share_max_len=self.model.config.share_max_len,
+                            stats=stats)
         rewards = [0.0] * len(seqs)
         for m, values in zip(members, out):
             for k, value in zip(m, values):
