@@ -59,7 +59,8 @@ from polar_train.tokenizer import load_tokenizer, special_token_ids
 logger = logging.getLogger("polar_train")
 
 RowKind = Literal["client", "pair", "list"]
-OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {"client": ("output",), "pair": ("chosen", "rejected"), "list": ("candidates",)}
+OUTPUT_FIELDS: dict[str, tuple[str, ...]] = {"client": ("output",), "pair": ("chosen", "rejected"),
+                                             "list": ("candidates",)}
 REWARD_FIELDS: dict[str, tuple[str, ...]] = {"client": ("reward",), "pair": ("chosen_reward", "rejected_reward"),
                                              "list": ("rewards",)}
 SCORED_FILE = "scored.jsonl"  # eval's per-pair rewards, next to report.json
@@ -97,14 +98,16 @@ def row_kind(obj: Mapping[str, Any], source: str) -> RowKind:
         return "client"
     if has_chosen and has_rejected:
         return "pair"
-    half = " (it has 'chosen' but no 'rejected')" if has_chosen else " (it has 'rejected' but no 'chosen')" if has_rejected else ""
+    half = (" (it has 'chosen' but no 'rejected')" if has_chosen
+            else " (it has 'rejected' but no 'chosen')" if has_rejected else "")
     raise UserError(source, "the row is neither a client row (prompt, reference, output) nor a pair row "
                     f"(prompt, reference, chosen, rejected){half}", "add the missing field or remove the row")
 
 
 def _text(obj: Mapping[str, Any], name: str, source: str) -> str:
     if name not in obj:
-        raise UserError(source, f"field '{name}' is missing; expected a string or a list of messages", "fix or remove this row")
+        raise UserError(source, f"field '{name}' is missing; expected a string or a list of messages",
+                        "fix or remove this row")
     try:
         return flatten_text(obj[name], name)
     except ValueError as error:
@@ -123,12 +126,14 @@ def to_item(row: JsonRow | Mapping[str, Any], source: str = "row") -> ScoreItem:
         elif wrapper not in WRAPPERS:
             raise UserError(source, f"field 'wrapper' is {wrapper!r}", f"expected one of {', '.join(WRAPPERS)}")
     else:
-        raise UserError(source, f"the row is a {type(row).__name__}", "expected a dict with prompt, reference and outputs")
+        raise UserError(source, f"the row is a {type(row).__name__}",
+                        "expected a dict with prompt, reference and outputs")
     kind = row_kind(obj, source)
     if kind == "list":
         if not isinstance(obj["candidates"], list) or not obj["candidates"]:
             raise UserError(source, "field 'candidates' is not a non-empty list", "give a list of candidate outputs")
-        outputs = tuple(_text({f"candidates[{k}]": c}, f"candidates[{k}]", source) for k, c in enumerate(obj["candidates"]))
+        outputs = tuple(_text({f"candidates[{k}]": c}, f"candidates[{k}]", source)
+                        for k, c in enumerate(obj["candidates"]))
     else:
         outputs = tuple(_text(obj, name, source) for name in OUTPUT_FIELDS[kind])
     return ScoreItem(source=source, kind=kind, prompt=_text(obj, "prompt", source),
@@ -150,7 +155,8 @@ def read_rows(path: str | os.PathLike[str], expect: RowKind | None = None) -> li
     for item in items:
         if expect is not None and item.kind != expect:
             fields = "prompt, reference, " + ", ".join(OUTPUT_FIELDS[expect])
-            raise UserError(item.source, f"a {item.kind} row where {expect} rows are expected", f"every row needs {fields}")
+            raise UserError(item.source, f"a {item.kind} row where {expect} rows are expected",
+                            f"every row needs {fields}")
     return items
 
 
@@ -183,10 +189,12 @@ class ScoreStats:
                 f"{self.num_pair_rows} pair) in {self.seconds:.1f} s ({rate:.1f} rows/s); {self.num_unfit} do not "
                 f"fit (null reward); truncated: {self.num_prompt_truncated} prompts, {self.num_response_truncated} "
                 f"responses; {inf.num_sequences} sequences, {inf.num_packed_tokens} tokens in {inf.num_forwards} "
-                f"forwards (shared prefixes saved {saved:.0%}); {inf.num_over_budget} sequences over max_tokens ran alone")
+                f"forwards (shared prefixes saved {saved:.0%}); {inf.num_over_budget} sequences over max_tokens "
+                "ran alone")
 
 
-def _unfit_reason(tokenizer: PreTrainedTokenizerBase, item: ScoreItem, max_length: int, max_response_length: int) -> str:
+def _unfit_reason(tokenizer: PreTrainedTokenizerBase, item: ScoreItem, max_length: int,
+                  max_response_length: int) -> str:
     lengths = [min(len(tokenizer.encode(t, add_special_tokens=True)), max_response_length)
                for t in (item.reference, *item.outputs)]
     parts = " + ".join(f"{name} {n}" for name, n in zip(("reference", *OUTPUT_FIELDS[item.kind]), lengths))
@@ -408,7 +416,8 @@ def resolve_device(name: str) -> torch.device:
         raise UserError("--device", f"cannot use {name!r}", "expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device", f"{name} asked for, but this machine has no usable CUDA device", "use --device cpu")
+            raise UserError("--device", f"{name} asked for, but this machine has no usable CUDA device",
+                            "use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError("--device", f"{name} asked for, but there are {torch.cuda.device_count()} CUDA devices",
                             f"use cuda:0 ... cuda:{torch.cuda.device_count() - 1}")
@@ -426,12 +435,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_scorer(model_dir: str | os.PathLike[str], *, device: str = "auto", dtype: str = "auto",
-                attention: str = "auto", trust_remote_code: bool = False) -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
+                attention: str = "auto",
+                trust_remote_code: bool = False) -> tuple[InternLM2RewardModel, PreTrainedTokenizerBase]:
     """The reward model (weights in ``dtype``, on ``device``) and the tokenizer of a checkpoint folder
     (``trust_remote_code``: allow the folder's tokenizer code to run, see ``load_tokenizer``)."""
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code, opt_in="--trust-remote-code")  # before the weights
+    # before the weights
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code, opt_in="--trust-remote-code")
     model = load_model(model_dir, attention=attention, dtype=torch_dtype, device=torch_device)
     special_token_ids(tokenizer, model.config.reward_token_id)  # fail early on a mismatched tokenizer
     logger.info("model %s on %s in %s, attention %s", model_dir, torch_device, str(torch_dtype).removeprefix("torch."),
